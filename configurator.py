@@ -1,0 +1,105 @@
+"""
+One config mechanism for every script: defaults live in the script, overrides come from argv.
+
+    # train.py
+    from configurator import configure_or_exit
+    defaults = dict(batch_size=8, block_size=2048, learning_rate=6.7e-5, compile=False)
+    config = configure_or_exit(defaults)    # parses sys.argv[1:]; on a bad argument: message, exit 2
+
+    $ python train.py config/lrc_qwen.py --learning_rate=1e-4 --compile=true
+
+Arguments are applied left to right, so a later one wins:
+- `path.py`      a config file, executed as Python in a namespace that already holds the current
+                 values, so it can compute one key from another (`tokens = batch_size * block_size`).
+                 Every top-level name it leaves behind must be an existing key; helpers must start
+                 with `_` (imported modules are ignored).
+- `--key=value`  value parsed with ast.literal_eval (`1e-4`, `True`, `(0.9, 0.95)`), else kept as a str.
+Unlike nanoGPT's configurator, a typo is an error naming the closest key instead of a silent new
+global, and every value is checked against the default's type (an int is fine where a float is due).
+"""
+import ast
+import difflib
+import sys
+import traceback
+import types
+
+
+class ConfigError(ValueError):
+    """A bad config argument; scripts print it and exit with status 2 (see configure_or_exit)."""
+
+
+def _unknown(key, keys, where):
+    close = difflib.get_close_matches(key, keys, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    if where.endswith(".py"):
+        hint += " (helpers in a config file must start with '_')"
+    return ConfigError(f"{where}: unknown config key '{key}'{hint}")
+
+
+def _check(key, value, default, where):
+    """Return value, converted where harmless, if it fits the type of the default; else raise."""
+    if default is None:  # no type to check against
+        return value
+    if isinstance(default, bool):  # before int: bool is a subclass of int
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, str)) and str(value).lower() in ("true", "1", "false", "0"):
+            return str(value).lower() in ("true", "1")
+    elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # --grad_clip=1 means 1.0
+    elif isinstance(value, type(default)) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"{where}: config key '{key}' expects {type(default).__name__}, "
+                      f"got {type(value).__name__} {value!r}")
+
+
+def _run_file(path, config):
+    """Execute a config file; return the top-level names it defines, as a dict."""
+    try:
+        with open(path) as f:
+            source = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from e
+    namespace = dict(config)
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except Exception as e:  # report the config file's line, not configurator's
+        lines = [fs.lineno for fs in traceback.extract_tb(e.__traceback__) if fs.filename == path]
+        where = f"{path}:{e.lineno if isinstance(e, SyntaxError) else lines[-1] if lines else '?'}"
+        raise ConfigError(f"{where}: {type(e).__name__}: {e}") from e
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not isinstance(v, types.ModuleType)}
+
+
+def configure(defaults: dict, argv: list[str]) -> dict:
+    """Apply config files and --key=value arguments to a copy of defaults; raise ConfigError."""
+    config = dict(defaults)
+    for arg in argv:
+        if arg.endswith(".py") and not arg.startswith("--"):
+            for key, value in _run_file(arg, config).items():
+                if key not in defaults:
+                    raise _unknown(key, defaults, arg)
+                config[key] = _check(key, value, defaults[key], arg)
+        elif arg.startswith("--") and "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            if key not in defaults:
+                raise _unknown(key, defaults, arg)
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw  # a bare word such as --init_from=resume
+            if isinstance(defaults[key], str):
+                value = raw  # a str key takes the text as given: --out_dir=2024 is '2024'
+            config[key] = _check(key, value, defaults[key], arg)
+        else:
+            raise ConfigError(f"bad argument '{arg}': expected a config file ending in .py or --key=value")
+    return config
+
+
+def configure_or_exit(defaults: dict, argv: list[str] | None = None) -> dict:
+    """configure() for scripts: on a ConfigError print it to stderr and exit with status 2."""
+    try:
+        return configure(defaults, sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

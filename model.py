@@ -1,0 +1,377 @@
+"""
+The Qwen2 / Llama decoder, written by hand, reading and writing HuggingFace safetensors directly.
+
+    from model import Transformer
+    model = Transformer.from_pretrained("path/to/hf_dir", dtype=torch.bfloat16)
+    logits, loss = model(idx, targets)                     # idx: (B, T) token ids
+    for tok in model.generate(idx, max_new_tokens=32): ... # greedy at temperature 0, KV cache
+    model.save_pretrained("out/student")                  # loads in transformers as well
+
+Names mirror HF (embed_tokens, layers[i].self_attn.q_proj, mlp.gate_proj, ...), so an HF checkpoint
+maps onto this module by stripping "model.". RoPE uses HF's rotate-half layout (no q/k permutation).
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 8
+    head_dim: int = 64  # explicit: LRC students keep the teacher's head_dim while hidden_size shrinks
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None, or {"rope_type": "llama3" | "linear", ...}
+    attention_bias: bool = False  # bias on q/k/v (Qwen2 always; Llama when attention_bias is set)
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "ModelConfig":
+        """Build from an HF config.json dict; anything we do not implement is a clear error."""
+        mt = d.get("model_type")
+        if mt not in ARCHITECTURES:
+            raise ValueError(f"config.json: model_type {mt!r} is not supported (only {sorted(ARCHITECTURES)})")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+        if d.get("mlp_bias"):
+            raise ValueError("config.json: mlp_bias=true is not supported")
+        if mt == "qwen2" and d.get("use_sliding_window"):
+            raise ValueError("config.json: use_sliding_window=true (an active sliding window) is not supported")
+        # transformers 5 moved rope_theta / rope_scaling into rope_parameters; read both forms.
+        rope = {**(d.get("rope_parameters") or {}), **(d.get("rope_scaling") or {})}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3", "linear"):
+            raise ValueError(f"config.json: rope type {rope_type!r} is not supported (default, llama3, linear)")
+        theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+        heads = d["num_attention_heads"]
+        return cls(
+            model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+            attention_bias=mt == "qwen2" or bool(d.get("attention_bias", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+        )
+
+    def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
+        """The config.json that transformers (and vLLM) read; head_dim is always written explicitly."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(architectures=[ARCHITECTURES[self.model_type]], hidden_act="silu",
+                 torch_dtype=str(dtype).removeprefix("torch."))
+        if self.rope_scaling is None:
+            d.pop("rope_scaling")
+        if self.model_type == "qwen2":  # qwen2 has bias on q/k/v by definition and no such key
+            d.pop("attention_bias")
+            d.update(use_sliding_window=False, sliding_window=None)
+        return d
+
+
+# -----------------------------------------------------------------------------
+# RoPE
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with Llama-3 'llama3' or 'linear' scaling when configured."""
+    # fp32 arithmetic in HF's order, so angles at long positions match transformers to the last bit
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    factor = rs["factor"]
+    if rs["rope_type"] == "linear":
+        return inv_freq / factor
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly
+    low, high, old_ctx = rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_ctx / wavelen - low) / (high - low)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pos = torch.arange(start, start + T, device=inv_freq.device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)  # (T, hs/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs): rotate-half layout
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# Modules
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # normalise in fp32 as HF does, then scale in the weight's dtype
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hs = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        o_bias = cfg.attention_bias and cfg.model_type == "llama"  # Llama's attention_bias covers o_proj too
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hs, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hs, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hs, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.nh * self.hs, cfg.hidden_size, bias=o_bias)
+        self.cache = None  # (k, v), each (B, nkv, max_len, hs), set by Transformer.setup_cache
+
+    def forward(self, x, cos, sin, start_pos=0, acts=None):
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if acts is not None:  # LRC clones q and k before RoPE (paper Sec. 4.2)
+            acts["q"], acts["k"], acts["v"] = q, k, v
+        q = apply_rope(q.view(B, T, self.nh, self.hs).transpose(1, 2), cos, sin)  # (B, nh, T, hs)
+        k = apply_rope(k.view(B, T, self.nkv, self.hs).transpose(1, 2), cos, sin)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.cache is not None:
+            ck, cv = self.cache
+            ck[:B, :, start_pos:start_pos + T] = k
+            cv[:B, :, start_pos:start_pos + T] = v
+            k, v = ck[:B, :, :start_pos + T], cv[:B, :, :start_pos + T]  # (B, nkv, S, hs)
+        rep = self.nh // self.nkv  # GQA: each kv head serves `rep` query heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hs)
+        S = k.shape[2]
+        if T == 1 or S == T:  # one new token sees everything; a full prefill is plain causal
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:  # prefill after earlier tokens: query t sits at position start_pos + t
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)  # (B, T, nh*hs)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x, acts=None):
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if acts is not None:  # gate is cloned before SiLU
+            acts["gate"], acts["up"] = gate, up
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, start_pos=0, acts=None):
+        """acts: an optional dict the block fills with q, k, v, gate, up, attn_out and ffn_out."""
+        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, start_pos, acts)
+        x = x + attn_out
+        ffn_out = self.mlp(self.post_attention_layernorm(x), acts)
+        if acts is not None:
+            acts["attn_out"], acts["ffn_out"] = attn_out, ffn_out
+        return x + ffn_out
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def init_weights(self, std: float = 0.02):
+        """Random init for training from scratch: every Linear and the embedding ~ N(0, std), biases 0,
+        norms 1. (LRC students are never initialised this way: their weights come from the teacher.)"""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        return self
+
+    def forward(self, idx, targets=None, start_pos=0, acts=None):
+        """idx (B, T) -> logits (B, T, V) and the mean next-token loss (ignore_index -100) when targets
+        are given. acts: an optional list that receives one dict of block activations per layer."""
+        x = self.embed_tokens(idx)  # (B, T, C)
+        cos, sin = rope_cos_sin(self.inv_freq, start_pos, idx.shape[1])
+        for layer in self.layers:
+            a = None if acts is None else {}
+            x = layer(x, cos, sin, start_pos, a)
+            if a is not None:
+                acts.append(a)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    # --- generation -----------------------------------------------------------------
+    def setup_cache(self, batch_size: int, max_len: int):
+        """A static KV cache indexed by position; pass None as batch_size to drop it."""
+        p = self.lm_head.weight
+        for layer in self.layers:
+            a = layer.self_attn
+            shape = (batch_size, a.nkv, max_len, a.hs)
+            a.cache = None if batch_size is None else (p.new_zeros(shape), p.new_zeros(shape))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_id=None,
+                 use_cache=True, generator=None):
+        """Yield (B,) next tokens one step at a time (so callers can stream). Greedy at temperature 0.
+        Stops early when every row has produced eos_id (an int or a collection of ints)."""
+        B, T = idx.shape
+        eos = torch.tensor(sorted(eos_id) if isinstance(eos_id, (list, set, tuple)) else
+                           [] if eos_id is None else [eos_id], device=idx.device)
+        if use_cache:
+            self.setup_cache(B, T + max_new_tokens)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        pos, inp = 0, idx
+        try:
+            for _ in range(max_new_tokens):
+                logits, _ = self(inp, start_pos=pos) if use_cache else self(idx)
+                nxt = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)
+                yield nxt
+                idx = torch.cat((idx, nxt[:, None]), dim=1)
+                pos, inp = pos + inp.shape[1], nxt[:, None]
+                done |= torch.isin(nxt, eos)
+                if done.all():
+                    break
+        finally:
+            if use_cache:
+                self.setup_cache(None, 0)
+
+    # --- HF checkpoints -----------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, device="cpu", dtype=None) -> "Transformer":
+        """Load an HF dir (model.safetensors, or shards listed in model.safetensors.index.json).
+        The module is built on the meta device and the loaded tensors are assigned, not copied."""
+        cfg = ModelConfig.from_hf(read_json(os.path.join(path, "config.json")))
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+        sd = {}
+        for file in checkpoint_files(path):
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    name = key.removeprefix("model.")
+                    if cfg.tie_word_embeddings and name == "lm_head.weight":
+                        continue  # some tied checkpoints store the head as well; the embedding wins
+                    t = f.get_tensor(key)
+                    sd[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+        if missing or unexpected:
+            raise ValueError(f"{path}: checkpoint does not match config.json: missing {missing[:8]}"
+                             f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}")
+        model.load_state_dict(sd, strict=False, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.inv_freq = rope_inv_freq(cfg).to(device)
+        return model
+
+    def save_pretrained(self, path: str, dtype=None, max_shard_bytes: int = 4 << 30):
+        """Write config.json + safetensors (sharded with an index above max_shard_bytes)."""
+        dtype = dtype or self.lm_head.weight.dtype
+        sd = {("" if k == "lm_head.weight" else "model.") + k: v.detach().to(dtype).contiguous()
+              for k, v in self.state_dict().items()
+              if not (self.config.tie_word_embeddings and k == "lm_head.weight")}
+        os.makedirs(path, exist_ok=True)
+        shards, size = [{}], 0
+        for k, v in sd.items():
+            nbytes = v.numel() * v.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k], size = v, size + nbytes
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        for name, shard in zip(names, shards):
+            save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                     "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+            write_json(os.path.join(path, "model.safetensors.index.json"), index)
+        write_json(os.path.join(path, "config.json"), self.config.to_hf(dtype))
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """(B, V) logits -> (B,) tokens: argmax at temperature 0, else top-k / nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def checkpoint_files(path: str) -> list[str]:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model dir {path!r} does not exist (expected an HF dir with config.json)")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        files = sorted(set(read_json(index)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    files = [os.path.join(path, f) for f in files]
+    for f in files:
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"{path}: shard {os.path.basename(f)} listed in the index is missing")
+    return files
+
+
+def read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path: str, obj: dict):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)

@@ -1,0 +1,156 @@
+"""model.py against transformers: logits, generation, checkpoints in and out, bad input."""
+import json
+import os
+
+import pytest
+import torch
+
+from model import ModelConfig, Transformer
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
+
+CONFIGS = {
+    # Qwen2: q/k/v bias, head_dim != hidden/heads, tied and untied
+    "qwen2_tied": dict(model_type="qwen2", head_dim=24, tie_word_embeddings=True, rope_theta=1e6),
+    "qwen2_untied": dict(model_type="qwen2", head_dim=24, tie_word_embeddings=False),
+    # Llama: GQA and llama3 rope scaling, tested past original_max_position_embeddings
+    "llama3_scaled": dict(model_type="llama", tie_word_embeddings=False, rope_theta=5e5, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=32)),
+    "llama_bias_tied": dict(model_type="llama", attention_bias=True, tie_word_embeddings=True),
+}
+
+
+def make_hf(name, tmp_path):
+    """A random transformers model of the named tiny config, saved to tmp_path/name."""
+    torch.manual_seed(0)
+    kw = {**TINY, **CONFIGS[name]}
+    cls = transformers.Qwen2Config if kw["model_type"] == "qwen2" else transformers.LlamaConfig
+    kw.pop("model_type")
+    hf = transformers.AutoModelForCausalLM.from_config(cls(**kw), dtype=torch.float32).eval()
+    with torch.no_grad():  # biases and norms are zero/one at init; randomise them so the test sees them
+        for n, p in hf.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / name
+    hf.save_pretrained(path)
+    return hf, str(path)
+
+
+def assert_logits_close(ours, ref):
+    scale = ref.abs().max().item()
+    assert (ours - ref).abs().max().item() <= 1e-4 * max(scale, 1.0), (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(name, tmp_path):
+    hf, path = make_hf(name, tmp_path)
+    model = Transformer.from_pretrained(path).eval()
+    T = 80  # > original_max_position_embeddings (32) of the llama3 config: scaling is exercised
+    idx = torch.randint(0, TINY["vocab_size"], (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        ref = hf(idx).logits
+    assert_logits_close(ours, ref)
+    assert model.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied", "llama3_scaled"])
+def test_greedy_generation_cache_and_transformers(name, tmp_path):
+    hf, path = make_hf(name, tmp_path)
+    model = Transformer.from_pretrained(path).eval()
+    idx = torch.randint(0, TINY["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(2))
+    n = 40
+    cached = torch.stack(list(model.generate(idx, n, use_cache=True)), 1)
+    uncached = torch.stack(list(model.generate(idx, n, use_cache=False)), 1)
+    ref = hf.generate(idx, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)[:, 7:]
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, ref)
+
+
+def test_chunked_prefill_matches_full_forward(tmp_path):
+    _, path = make_hf("qwen2_untied", tmp_path)
+    model = Transformer.from_pretrained(path).eval()
+    idx = torch.randint(0, TINY["vocab_size"], (2, 20))
+    with torch.no_grad():
+        full, _ = model(idx)
+        model.setup_cache(2, 32)
+        a, _ = model(idx[:, :12], start_pos=0)
+        b, _ = model(idx[:, 12:], start_pos=12)
+        model.setup_cache(None, 0)
+    assert_logits_close(torch.cat((a, b), 1), full)
+
+
+@pytest.mark.parametrize("name", ["qwen2_untied", "llama_bias_tied"])
+def test_save_pretrained_loads_in_transformers(name, tmp_path):
+    hf, path = make_hf(name, tmp_path)
+    model = Transformer.from_pretrained(path)
+    out = tmp_path / "ours"
+    model.save_pretrained(out, max_shard_bytes=20_000)  # small limit: forces a sharded checkpoint
+    assert (out / "model.safetensors.index.json").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["head_dim"] == model.config.head_dim
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ours_again = Transformer.from_pretrained(str(out))
+    idx = torch.randint(0, TINY["vocab_size"], (1, 16))
+    with torch.no_grad():
+        assert torch.equal(reloaded(idx).logits, hf(idx).logits)
+        assert torch.equal(ours_again(idx)[0], model(idx)[0])
+
+
+def test_loads_transformers_sharded_checkpoint(tmp_path):
+    hf, path = make_hf("llama3_scaled", tmp_path)
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="50KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    model = Transformer.from_pretrained(str(sharded))
+    idx = torch.randint(0, TINY["vocab_size"], (1, 16))
+    with torch.no_grad():
+        assert_logits_close(model(idx)[0], hf(idx).logits)
+
+
+def test_rope_parameters_form_of_transformers5():
+    base = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                num_attention_heads=2)
+    a = ModelConfig.from_hf({**base, "rope_theta": 123.0})
+    b = ModelConfig.from_hf({**base, "rope_parameters": {"rope_theta": 123.0, "rope_type": "default"}})
+    assert a == b and a.rope_theta == 123.0 and a.head_dim == 4
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Transformer.from_pretrained(str(tmp_path / "nope"))
+    _, path = make_hf("qwen2_tied", tmp_path)
+    sharded = tmp_path / "sharded"
+    Transformer.from_pretrained(path).save_pretrained(sharded, max_shard_bytes=20_000)
+    shard = sorted(p for p in os.listdir(sharded) if p.endswith(".safetensors"))[1]
+    os.remove(sharded / shard)
+    with pytest.raises(FileNotFoundError, match=shard):
+        Transformer.from_pretrained(str(sharded))
+    cfg_path = tmp_path / "qwen2_tied" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "model_type": "mistral"}))
+    with pytest.raises(ValueError, match="model_type 'mistral'"):
+        Transformer.from_pretrained(path)
+    cfg_path.write_text(json.dumps({**cfg, "use_sliding_window": True}))
+    with pytest.raises(ValueError, match="sliding"):
+        Transformer.from_pretrained(path)
+    cfg_path.write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    with pytest.raises(ValueError, match="yarn"):
+        Transformer.from_pretrained(path)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, path = make_hf("qwen2_untied", tmp_path)
+    f = os.path.join(path, "model.safetensors")
+    sd = load_file(f)
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, f, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="layers.1.mlp.up_proj.weight"):
+        Transformer.from_pretrained(path)
