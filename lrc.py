@@ -1,0 +1,227 @@
+"""
+Low-Rank Clone (Hao et al., 2025, "A Token is Worth over 1,000 Tokens"), Sec. 4, in the paper's order:
+
+  1. low-rank projections generate every student weight from the frozen teacher's (Eq. 1-3),
+  2. the student runs through the same model.py code, layer by layer beside the teacher,
+  3. activation clone: MSE between student and teacher q, k, v, gate, up and the layer outputs (Eq. 4-6),
+  4. the total loss L = L_KL + L_LM + alpha * L_clone (Eq. 7),
+  5. export of the student as a plain HF checkpoint.
+
+    teacher = Transformer.from_pretrained("teacher_dir")
+    lrc = LowRankClone(teacher, d_student=256)
+    loss, parts = lrc(idx, targets)        # parts: kl, lm, clone and clone/<term>
+    loss.backward()                        # gradients reach only lrc.parameters()
+    lrc.export("out/student", tokenizer_dir="teacher_dir")
+
+Convention: an nn.Linear weight is [out, in]; P is [d_T, d_S].
+"""
+import dataclasses
+import os
+import shutil
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from model import RMSNorm, Transformer, rope_cos_sin
+
+# Input-side weights read the residual stream: W_S = W_T @ P  (Eq. 2).
+INPUT_SIDE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+              "gate": "mlp.gate_proj", "up": "mlp.up_proj"}
+# Output-side weights write the residual stream: W_S = P^T @ W_T  (Eq. 3).
+OUTPUT_SIDE = {"o": "self_attn.o_proj", "down": "mlp.down_proj"}
+# Clone terms (Eq. 5): the five linear outputs compared directly, the two layer outputs through P.
+CLONE_TERMS = ("q", "k", "v", "gate", "up", "attn_out", "ffn_out")
+OUTPUT_TERMS = {"attn_out": "o", "ffn_out": "down"}  # which projection maps the teacher's output down
+INITS = ("normal", "identity")
+
+
+class LowRankClone(nn.Module):
+    """The trainable part of LRC: projections, the student's RMSNorm weights and (ablation) alignment
+    matrices. Everything registered in this module is trained; the teacher is deliberately kept out of
+    the module tree, so it is never in parameters(), state_dict(), the optimizer or DDP's buckets."""
+
+    def __init__(self, teacher: Transformer, d_student: int, clone_terms=CLONE_TERMS, alpha=0.5,
+                 temperature=40.0, kl_reduction="batchmean", alignment="reuse", init="normal", init_std=0.02):
+        super().__init__()
+        check_args(teacher, d_student, clone_terms, kl_reduction, alignment, init)
+        tc = teacher.config
+        object.__setattr__(self, "teacher", teacher.requires_grad_(False).eval())
+        self.clone_terms, self.alpha, self.temperature = tuple(clone_terms), alpha, temperature
+        self.kl_reduction, self.alignment = kl_reduction, alignment
+        # Same depth, heads, head_dim, FFN width, vocabulary and RoPE; only the residual width shrinks.
+        self.config = dataclasses.replace(tc, hidden_size=d_student)
+        with torch.device("meta"):  # the student's architecture only; its weights are generated (Eq. 1)
+            object.__setattr__(self, "skeleton", Transformer(self.config))
+        dev, dT, dS = teacher.embed_tokens.weight.device, tc.hidden_size, d_student
+
+        def proj():
+            return nn.Parameter(torch.empty(dT, dS, device=dev))
+        self.proj = nn.ModuleList(nn.ParameterDict({m: proj() for m in (*INPUT_SIDE, *OUTPUT_SIDE)})
+                                  for _ in teacher.layers)  # P_{m,i}
+        self.p_emb = proj()  # E_S = E_T @ P_emb
+        self.p_lm = None if tc.tie_word_embeddings else proj()  # H_S = H_T @ P_lm (untied teachers)
+        # Student RMSNorms: new weights (init 1.0), the teacher's eps; built as modules, so trainable.
+        self.norms = nn.ModuleList(nn.ModuleDict({"input_layernorm": RMSNorm(dS, tc.rms_norm_eps),
+                                                  "post_attention_layernorm": RMSNorm(dS, tc.rms_norm_eps)})
+                                   for _ in teacher.layers).to(dev)
+        self.norm = RMSNorm(dS, tc.rms_norm_eps).to(dev)
+        # Ablation "explicit alignment": separate matrices map the teacher outputs instead of P_o, P_down.
+        self.align = None if alignment == "reuse" else nn.ModuleList(
+            nn.ParameterDict({"o": proj(), "down": proj()}) for _ in teacher.layers)
+        self.init_projections(init, init_std)
+
+    @torch.no_grad()
+    def init_projections(self, init="normal", std=0.02):
+        """normal: every P ~ N(0, std), norms 1.0 (paper and official code). identity: P = the first d_S
+        columns of I and the teacher's norm weights sliced alike, i.e. the student keeps the teacher's
+        first d_S residual coordinates (with d_S = d_T the student *is* the teacher: a check of the
+        whole construction)."""
+        for p in self.projections():
+            if init == "normal":
+                nn.init.normal_(p, std=std)
+            else:
+                p.copy_(torch.eye(*p.shape))
+        if init == "identity":
+            dS = self.config.hidden_size
+            for t, s in zip(self.teacher.layers, self.norms):
+                for name, norm in s.items():
+                    norm.weight.copy_(t.get_submodule(name).weight[:dS])
+            self.norm.weight.copy_(self.teacher.norm.weight[:dS])
+
+    def projections(self) -> list:
+        """Every projection and alignment matrix (all trainable parameters except the norm weights)."""
+        extra = [self.p_emb] + ([self.p_lm] if self.p_lm is not None else [])
+        return [*self.proj.parameters(), *extra, *(self.align.parameters() if self.align is not None else [])]
+
+    # -- 1. student weights (Eq. 1-3) -------------------------------------------------------
+    def layer_weights(self, i: int) -> dict:
+        """Student weights of layer i, named as in model.Block, generated from the teacher's."""
+        t, P, n = self.teacher.layers[i], self.proj[i], self.norms[i]
+        w = {f"{name}.weight": n[name].weight for name in n}
+        for m, name in (*INPUT_SIDE.items(), *OUTPUT_SIDE.items()):
+            lin = t.get_submodule(name)
+            w[f"{name}.weight"] = lin.weight @ P[m] if m in INPUT_SIDE else P[m].T @ lin.weight
+            if lin.bias is not None:  # Qwen2's q/k/v biases: copied from the teacher, frozen
+                w[f"{name}.bias"] = lin.bias
+        return w
+
+    def embedding(self) -> torch.Tensor:
+        return self.teacher.embed_tokens.weight @ self.p_emb  # [V, d_S]
+
+    def head(self, emb: torch.Tensor) -> torch.Tensor:
+        return emb if self.p_lm is None else self.teacher.lm_head.weight @ self.p_lm  # [V, d_S]
+
+    # -- 2.-4. interleaved forward and the losses -----------------------------------------------
+    def forward(self, idx, targets):
+        """Returns (loss, parts). Teacher and student advance one layer at a time, and each teacher
+        layer's activations become clone-loss terms at once, so only one layer's are ever alive."""
+        teacher, B, T = self.teacher, *idx.shape
+        cos, sin = rope_cos_sin(teacher.inv_freq, 0, T)
+        emb = self.embedding()
+        with torch.no_grad():
+            h_t = teacher.embed_tokens(idx)  # (B, T, d_T)
+        h_s = F.embedding(idx, emb)  # (B, T, d_S)
+        clone = {term: h_s.new_zeros((), dtype=torch.float32) for term in self.clone_terms}
+        for i, t_layer in enumerate(teacher.layers):
+            t_acts, s_acts = {}, {}
+            with torch.no_grad():
+                h_t = t_layer(h_t, cos, sin, 0, t_acts)
+            h_s = functional_call(self.skeleton.layers[i], self.layer_weights(i), (h_s, cos, sin, 0, s_acts))
+            for term in self.clone_terms:
+                clone[term] = clone[term] + mse(s_acts[term], self.clone_target(i, term, t_acts))
+        with torch.no_grad():
+            t_logits = teacher.lm_head(teacher.norm(h_t))  # (B, T, V)
+        s_logits = F.linear(self.norm(h_s), self.head(emb))  # (B, T, V)
+        kl, lm = distill_losses(s_logits, t_logits, targets, self.temperature, self.kl_reduction)
+        clone_total = sum(clone.values(), h_s.new_zeros((), dtype=torch.float32))
+        loss = kl + lm + self.alpha * clone_total  # Eq. 7
+        parts = {"kl": kl, "lm": lm, "clone": clone_total, **{f"clone/{k}": v for k, v in clone.items()}}
+        return loss, {k: v.detach() for k, v in parts.items()}
+
+    def clone_target(self, i: int, term: str, t_acts: dict) -> torch.Tensor:
+        """q, k, v, gate, up have the teacher's width in both models: compared directly (Eq. 5).
+        The layer outputs live in d_T vs d_S: the teacher's is mapped by the projection the student's
+        own o/down weights were made with (alignment-free, Eq. 6; Lemma 1) or, in the ablation, by a
+        separate alignment matrix. (The official code compares attention outputs in teacher space;
+        we follow the paper.)"""
+        if term not in OUTPUT_TERMS:
+            return t_acts[term]
+        P = (self.align if self.align is not None else self.proj)[i][OUTPUT_TERMS[term]]
+        return t_acts[term] @ P
+
+    # -- 5. the student as a plain model and its export ----------------------------------------
+    @torch.no_grad()
+    def student(self, dtype=None) -> Transformer:
+        """Materialise the student as an ordinary model.Transformer (for evaluation, sampling, export)."""
+        emb = self.embedding()
+        sd = {"embed_tokens.weight": emb, "norm.weight": self.norm.weight}
+        for i in range(len(self.proj)):
+            sd.update({f"layers.{i}.{k}": v for k, v in self.layer_weights(i).items()})
+        if self.p_lm is not None:
+            sd["lm_head.weight"] = self.head(emb)
+        sd = {k: v.detach().to(dtype or v.dtype).clone() for k, v in sd.items()}
+        with torch.device("meta"):
+            model = Transformer(self.config)
+        model.load_state_dict(sd, strict=False, assign=True)
+        if self.config.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.inv_freq = self.teacher.inv_freq.clone()
+        return model.eval()
+
+    def export(self, path: str, dtype=torch.float32, tokenizer_dir: str | None = None):
+        """Write the student as an HF dir: config.json with hidden_size = d_S, explicit head_dim, the
+        teacher's eps and tying; safetensors; the teacher's tokenizer files."""
+        c = self.config
+        if c.model_type == "llama" and c.hidden_size % c.num_attention_heads:
+            warnings.warn(f"exporting a Llama student with hidden_size {c.hidden_size} not a multiple of "
+                          f"{c.num_attention_heads} heads: model.py and vLLM load it, transformers 5 refuses it")
+        self.student(dtype).save_pretrained(path, dtype=dtype)
+        if tokenizer_dir:
+            for name in TOKENIZER_FILES:
+                if os.path.exists(os.path.join(tokenizer_dir, name)):
+                    shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(path, name))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+def mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Mean squared error in fp32. Written out rather than F.mse_loss, which would keep the teacher
+    tensor alive for backward; here only the difference is saved."""
+    return (s.float() - t.float()).square().mean()
+
+
+def distill_losses(s_logits, t_logits, targets, temperature, kl_reduction="batchmean"):
+    """(L_KL, L_LM), both in fp32. L_KL = KL(p_T || p_S) of logits / temperature. 'batchmean' is the
+    official code's scaling: summed over tokens and vocabulary, divided by the number of sequences, no
+    T^2 (the published alpha, T and lr were tuned with it); 'token' divides by the number of tokens."""
+    s, t = s_logits.float() / temperature, t_logits.float() / temperature
+    s_logp, t_logp = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum()
+    kl = kl / (s_logits.shape[0] if kl_reduction == "batchmean" else s_logits.shape[:-1].numel())
+    lm = F.cross_entropy(s_logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    return kl, lm
+
+
+def check_args(teacher, d_student, clone_terms, kl_reduction, alignment, init):
+    if not isinstance(teacher, Transformer):
+        raise TypeError(f"teacher must be a model.Transformer (load it with Transformer.from_pretrained), "
+                        f"got {type(teacher).__name__}")
+    tc = teacher.config
+    if tc.model_type == "llama" and tc.attention_bias:
+        raise ValueError("teachers with an o_proj bias (Llama attention_bias=true) are not supported by LRC")
+    d_t = tc.hidden_size
+    if not 0 < d_student <= d_t or (d_student == d_t and init != "identity"):
+        raise ValueError(f"d_student must be in [1, {d_t - 1}] (the teacher's hidden_size is {d_t}), "
+                         f"got {d_student}; a student as wide as the teacher only makes sense with init='identity'")
+    bad = [t for t in clone_terms if t not in CLONE_TERMS]
+    if bad:
+        raise ValueError(f"unknown clone term(s) {bad}; choose from {list(CLONE_TERMS)}")
+    for name, value, allowed in (("kl_reduction", kl_reduction, ("batchmean", "token")),
+                                 ("alignment", alignment, ("reuse", "explicit")), ("init", init, INITS)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")

@@ -1,0 +1,203 @@
+"""LRC against the paper's identities and against a naive reference implementation."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from lrc import CLONE_TERMS, LowRankClone
+from model import ModelConfig, Transformer
+
+TEACHERS = {
+    "qwen2_tied_bias": ModelConfig(model_type="qwen2", vocab_size=120, hidden_size=48, intermediate_size=80,
+                                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   attention_bias=True, tie_word_embeddings=True, rms_norm_eps=1e-6),
+    "llama_untied": ModelConfig(model_type="llama", vocab_size=120, hidden_size=48, intermediate_size=80,
+                                num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+                                tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=5e5),
+}
+
+
+def tiny_teacher(name, seed=0):
+    torch.manual_seed(seed)
+    t = Transformer(TEACHERS[name]).init_weights(std=0.2)
+    with torch.no_grad():  # non-trivial norms and biases, so copying / ignoring them would show
+        for n, p in t.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.3)
+    return t
+
+
+def batch(seed=1, B=2, T=12, V=120):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
+
+
+@pytest.mark.parametrize("name", TEACHERS)
+def test_identity_projections_give_the_teacher_back(name):
+    teacher = tiny_teacher(name)
+    lrc = LowRankClone(teacher, d_student=teacher.config.hidden_size, init="identity", temperature=1.0)
+    idx, tgt = batch()
+    loss, parts = lrc(idx, tgt)
+    with torch.no_grad():
+        t_logits, t_lm = teacher(idx, tgt)
+        s_logits, _ = lrc.student()(idx)
+    torch.testing.assert_close(s_logits, t_logits, atol=1e-5, rtol=1e-5)
+    assert parts["clone"].item() < 1e-10 and abs(parts["kl"].item()) < 1e-5
+    torch.testing.assert_close(parts["lm"], t_lm)
+
+
+def test_lemma1_cloned_gate_and_up_make_the_ffn_term_zero():
+    """Lemma 1: if h_gate and h_up are cloned exactly, o_ffn^S = o_ffn^T @ P_down, whatever P_down is."""
+    teacher = tiny_teacher("llama_untied")
+    dT, dS = 48, 20
+    lrc = LowRankClone(teacher, d_student=dS, alignment="explicit")
+    Q, _ = torch.linalg.qr(torch.randn(dT, dS, dtype=torch.float64))
+    Q = Q.float()
+    with torch.no_grad():
+        lrc.proj[0]["gate"].copy_(Q)
+        lrc.proj[0]["up"].copy_(Q)
+    z = torch.randn(2, 5, dS)
+    x_t = z @ Q.T  # the teacher input lies in the span of Q, so W_T @ Q reproduces its activations exactly
+    t_acts, s_acts = {}, {}
+    with torch.no_grad():
+        t_out = teacher.layers[0].mlp(x_t, t_acts)
+        mlp_w = {k.removeprefix("mlp."): v for k, v in lrc.layer_weights(0).items() if k.startswith("mlp.")}
+        s_out = functional_call(lrc.skeleton.layers[0].mlp, mlp_w, (z, s_acts))
+        torch.testing.assert_close(s_acts["gate"], t_acts["gate"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s_acts["up"], t_acts["up"], atol=1e-5, rtol=1e-5)
+        target = lrc.clone_target(0, "ffn_out", {"ffn_out": t_out})  # o_ffn^T @ P_down in the paper's form
+        torch.testing.assert_close(target, t_out @ lrc.align[0]["down"])  # (this LRC uses explicit alignment)
+        torch.testing.assert_close(s_out, t_out @ lrc.proj[0]["down"], atol=1e-5, rtol=1e-5)  # Lemma 1
+        assert (s_out - target).abs().max() > 1e-2  # a separate alignment matrix is not matched for free
+
+
+@pytest.mark.parametrize("name", TEACHERS)
+def test_only_projections_and_norms_are_trained(name):
+    teacher = tiny_teacher(name)
+    cfg = teacher.config
+    lrc = LowRankClone(teacher, d_student=16)
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    assert not teacher_ids & {id(p) for p in lrc.parameters()}
+    assert not any(k.startswith("teacher") for k in lrc.state_dict())
+    L, dT, dS = cfg.num_hidden_layers, cfg.hidden_size, 16
+    n_proj = 7 * L * dT * dS + dT * dS * (1 if cfg.tie_word_embeddings else 2)
+    assert sum(p.numel() for p in lrc.projections()) == n_proj
+    assert sum(p.numel() for p in lrc.parameters()) == n_proj + (2 * L + 1) * dS
+    loss, _ = lrc(*batch())
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lrc.parameters())
+
+
+def reference_loss(lrc, teacher, idx, tgt, alpha, T):
+    """LRC written out naively: materialise every student weight, run both models whole, then the losses."""
+    cfg = teacher.config
+    w = {"embed_tokens.weight": teacher.embed_tokens.weight @ lrc.p_emb, "norm.weight": lrc.norm.weight}
+    w["lm_head.weight"] = w["embed_tokens.weight"] if lrc.p_lm is None else teacher.lm_head.weight @ lrc.p_lm
+    for i, layer in enumerate(teacher.layers):
+        P = lrc.proj[i]
+        for m in "qkv":
+            lin = getattr(layer.self_attn, f"{m}_proj")
+            w[f"layers.{i}.self_attn.{m}_proj.weight"] = lin.weight @ P[m]
+            if lin.bias is not None:
+                w[f"layers.{i}.self_attn.{m}_proj.bias"] = lin.bias
+        w[f"layers.{i}.self_attn.o_proj.weight"] = P["o"].T @ layer.self_attn.o_proj.weight
+        w[f"layers.{i}.mlp.gate_proj.weight"] = layer.mlp.gate_proj.weight @ P["gate"]
+        w[f"layers.{i}.mlp.up_proj.weight"] = layer.mlp.up_proj.weight @ P["up"]
+        w[f"layers.{i}.mlp.down_proj.weight"] = P["down"].T @ layer.mlp.down_proj.weight
+        w[f"layers.{i}.input_layernorm.weight"] = lrc.norms[i]["input_layernorm"].weight
+        w[f"layers.{i}.post_attention_layernorm.weight"] = lrc.norms[i]["post_attention_layernorm"].weight
+    student = Transformer(lrc.config)
+    s_acts, t_acts = [], []
+    s_logits, lm = functional_call(student, w, (idx, tgt), {"acts": s_acts})
+    with torch.no_grad():
+        t_logits, _ = teacher(idx, acts=t_acts)
+    kl = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
+                  reduction="batchmean")
+    clone = 0
+    for i in range(cfg.num_hidden_layers):
+        for m in ("q", "k", "v", "gate", "up"):
+            clone = clone + F.mse_loss(s_acts[i][m], t_acts[i][m])
+        clone = clone + F.mse_loss(s_acts[i]["attn_out"], t_acts[i]["attn_out"] @ lrc.proj[i]["o"])
+        clone = clone + F.mse_loss(s_acts[i]["ffn_out"], t_acts[i]["ffn_out"] @ lrc.proj[i]["down"])
+    return kl + lm + alpha * clone
+
+
+@pytest.mark.parametrize("name", TEACHERS)
+def test_gradients_match_naive_reference(name):
+    teacher = tiny_teacher(name)
+    lrc = LowRankClone(teacher, d_student=20, alpha=0.5, temperature=2.0)
+    with torch.no_grad():
+        for n in lrc.norms.parameters():
+            n.add_(torch.randn_like(n) * 0.3)
+        for p in lrc.projections():
+            p.normal_(std=0.15)  # larger than the default 0.02 so every term has a visible gradient
+    idx, tgt = batch()
+    loss, _ = lrc(idx, tgt)
+    grads = torch.autograd.grad(loss, list(lrc.parameters()))
+    ref = reference_loss(lrc, teacher, idx, tgt, alpha=0.5, T=2.0)
+    ref_grads = torch.autograd.grad(ref, list(lrc.parameters()))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for (n, _), g, r in zip(lrc.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_clone_term_ablation_and_token_kl():
+    teacher = tiny_teacher("qwen2_tied_bias")
+    idx, tgt = batch()
+    full = LowRankClone(teacher, 16)
+    torch.manual_seed(0)
+    state = full.state_dict()
+    no_ffn = LowRankClone(teacher, 16, clone_terms=("q", "k", "v", "attn_out"), kl_reduction="token")
+    no_ffn.load_state_dict(state)
+    _, a = full(idx, tgt)
+    _, b = no_ffn(idx, tgt)
+    assert set(b) == {"kl", "lm", "clone", "clone/q", "clone/k", "clone/v", "clone/attn_out"}
+    torch.testing.assert_close(b["clone"], sum(a[f"clone/{t}"] for t in ("q", "k", "v", "attn_out")))
+    torch.testing.assert_close(b["kl"] * idx.shape[1], a["kl"])  # token mean = batchmean / T
+    torch.testing.assert_close(a["clone"], sum(a[f"clone/{t}"] for t in CLONE_TERMS))
+
+
+@pytest.mark.parametrize("name", TEACHERS)
+def test_export_loads_in_our_model_and_transformers(name, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    teacher = tiny_teacher(name)
+    lrc = LowRankClone(teacher, d_student=24)  # transformers 5 wants hidden_size % heads == 0 for Llama
+    with torch.no_grad():
+        for p in lrc.projections():
+            p.normal_(std=0.15)
+    idx, tgt = batch()
+    _, parts = lrc(idx, tgt)
+    lrc.export(str(tmp_path / "student"))
+    cfg = json.loads((tmp_path / "student" / "config.json").read_text())
+    tc = teacher.config
+    assert cfg["hidden_size"] == 24 and cfg["head_dim"] == tc.head_dim
+    assert cfg["rms_norm_eps"] == tc.rms_norm_eps and cfg["tie_word_embeddings"] == tc.tie_word_embeddings
+    ours = Transformer.from_pretrained(str(tmp_path / "student"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    with torch.no_grad():
+        ref, _ = lrc.student()(idx)
+        a, lm = ours(idx, tgt)
+        b = hf(idx).logits
+    torch.testing.assert_close(a, ref)
+    torch.testing.assert_close(b, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lm, parts["lm"])  # the exported model is the one LRC trained
+
+
+def test_bad_input():
+    teacher = tiny_teacher("qwen2_tied_bias")
+    for d in (0, -3, 48, 64):
+        with pytest.raises(ValueError, match="d_student"):
+            LowRankClone(teacher, d)
+    with pytest.raises(ValueError, match="unknown clone term"):
+        LowRankClone(teacher, 16, clone_terms=("q", "ffn"))
+    with pytest.raises(TypeError, match="model.Transformer"):
+        LowRankClone(torch.nn.Linear(3, 3), 16)
+    with pytest.raises(ValueError, match="alignment"):
+        LowRankClone(teacher, 16, alignment="learned")
+    cfg = ModelConfig(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=4, attention_bias=True)
+    with pytest.raises(ValueError, match="o_proj bias"):
+        LowRankClone(Transformer(cfg), 4)
