@@ -1,0 +1,330 @@
+"""
+Train a student from a frozen teacher: Low-Rank Clone (default), one loop for every method.
+
+    python train.py config/lrc_demo.py                          # one process (CPU or one GPU)
+    python train.py config/lrc_demo.py --resume=True             # continue from out_dir/ckpt.pt
+    torchrun --nproc_per_node=8 train.py config/lrc_qwen.py      # DDP on one node
+    # two nodes: run on each, with --node_rank=0 / 1
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
+        train.py config/lrc_qwen.py
+
+Every key in DEFAULTS can be set from a config file or as --key=value (configurator.py).
+The checkpoint out_dir/ckpt.pt holds the trainable state, the optimizer, the step and the config;
+the finished student is exported as an HF dir to out_dir/student.
+"""
+import json
+import math
+import os
+import platform
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from configurator import configure_or_exit
+from data import Batches, check_compatible, load_tokenizer
+from lrc import CLONE_TERMS, LowRankClone
+from model import Transformer
+
+DEFAULTS = dict(
+    # I/O
+    teacher="",  # HF dir of the teacher (config.json, safetensors, tokenizer.json)
+    data_dir="",  # prepared by data.py with the teacher's tokenizer
+    out_dir="out/lrc",
+    resume=False,  # continue from out_dir/ckpt.pt
+    # method: LRC (paper Sec. 4)
+    method="lrc",
+    d_student=256,
+    clone_terms=",".join(CLONE_TERMS),  # ablations: drop terms, e.g. "q,k,v,attn_out" (w/o FFN)
+    alignment="reuse",  # "explicit": separate alignment matrices (ablation)
+    init="normal",
+    init_std=0.02,
+    alpha=0.5,  # weight of the clone loss
+    temperature=40.0,
+    kl_reduction="batchmean",  # the official scaling; "token" = mean over tokens
+    # batch
+    batch_size=8,  # sequences per micro-batch per process
+    block_size=256,
+    grad_accum=1,  # micro-batches per optimizer step per process
+    # optimizer: Adam, warmup then decay (paper: linear)
+    lr=6.7e-5,
+    min_lr=0.0,
+    warmup_ratio=0.005,
+    decay="linear",  # or "cosine"
+    beta1=0.9,
+    beta2=0.999,
+    weight_decay=0.0,
+    grad_clip=1.0,
+    max_steps=1000,
+    max_minutes=0.0,  # > 0: stop (evaluate, save, export) after this wall time
+    # evaluation, logging, checkpoints
+    eval_interval=200,
+    eval_batches=8,
+    log_interval=10,
+    ckpt_interval=200,
+    export_dtype="float32",
+    # system
+    device="auto",  # auto: cuda if available, else cpu
+    dtype="auto",  # auto: bfloat16 on cuda, float32 on cpu; bfloat16 = autocast with fp32 master weights
+    compile=False,
+    seed=1337,
+)
+
+
+# -----------------------------------------------------------------------------
+# setup
+
+def setup_distributed(device):
+    """(rank, local_rank, world_size, device). Without torchrun: a single process."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1, device
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), local_rank, dist.get_world_size(), device
+
+
+def resolve_system(cfg):
+    device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    return device, dtype
+
+
+def build_model(cfg, device, dtype):
+    """The trainable module for cfg['method']: forward(idx, targets) -> (loss, parts); .student(); .export()."""
+    if not os.path.isdir(cfg["teacher"]):
+        raise FileNotFoundError(f"teacher dir {cfg['teacher']!r} does not exist: set --teacher=HF_DIR "
+                                "(for the demo teacher run python demo.py once)")
+    # the teacher is frozen: held in the compute dtype (bf16 on GPU), no fp32 master copy needed
+    teacher = Transformer.from_pretrained(cfg["teacher"], device=device, dtype=getattr(torch, dtype))
+    if cfg["method"] == "lrc":
+        terms = tuple(t for t in cfg["clone_terms"].split(",") if t)
+        with torch.device(device):
+            return LowRankClone(teacher, cfg["d_student"], clone_terms=terms, alpha=cfg["alpha"],
+                                temperature=cfg["temperature"], kl_reduction=cfg["kl_reduction"],
+                                alignment=cfg["alignment"], init=cfg["init"], init_std=cfg["init_std"])
+    raise ValueError(f"unknown method {cfg['method']!r}; choose from ['lrc']")
+
+
+def lr_at(step, cfg):
+    """Linear warmup over warmup_ratio * max_steps, then linear (paper) or cosine decay to min_lr."""
+    warmup = max(1, round(cfg["warmup_ratio"] * cfg["max_steps"]))
+    if step < warmup:
+        return cfg["lr"] * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, cfg["max_steps"] - warmup))
+    shape = 1 - frac if cfg["decay"] == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+    return cfg["min_lr"] + (cfg["lr"] - cfg["min_lr"]) * shape
+
+
+def flops_per_token(model):
+    """Training FLOPs per token, the teacher's forward included: 6 N for the student (forward + backward),
+    2 N for the teacher, plus attention scores; LRC's per-step weight generation is left out (it is not
+    per token, and small once the batch is large)."""
+    def dense(cfg):
+        L, C, hd = cfg.num_hidden_layers, cfg.hidden_size, cfg.head_dim
+        attn = C * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+        return L * (attn + 3 * C * cfg.intermediate_size) + C * cfg.vocab_size
+    s, t = model.config, model.teacher.config
+    attn_scores = 2 * s.num_hidden_layers * s.num_attention_heads * s.head_dim  # per token per context position
+    return 6 * dense(s) + 2 * dense(t), attn_scores * (6 + 2)
+
+
+# -----------------------------------------------------------------------------
+# evaluation and checkpoints
+
+@torch.no_grad()
+def evaluate(model, batches, n_batches, autocast, teacher_loss=None):
+    """Student val LM loss, per-token KL(teacher || student) at T=1 and top-1 agreement; the teacher's
+    val loss is computed once and passed back in."""
+    student, teacher = model.student(), model.teacher
+    sums = torch.zeros(4)  # student loss, teacher loss, kl, agreement (sums of per-batch means)
+    for k in batches.eval_steps(n_batches):
+        x, y = batches.get_batch("val", k)[:2]
+        with autocast:
+            s_logits, s_loss = student(x, y)
+            t_logits, t_loss = teacher(x, y) if teacher_loss is None else (teacher(x)[0], None)
+        s_logp, t_logp = s_logits.float().log_softmax(-1), t_logits.float().log_softmax(-1)
+        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+        agree = (s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean()
+        sums += torch.stack([s_loss.float(), t_loss.float() if t_loss is not None else torch.tensor(0.0),
+                             kl, agree]).cpu()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    sums /= n_batches
+    out = {"val_loss": sums[0].item(), "val_kl": sums[2].item(), "val_agreement": sums[3].item()}
+    out["teacher_val_loss"] = sums[1].item() if teacher_loss is None else teacher_loss
+    return out
+
+
+def save_checkpoint(path, model, optimizer, step, cfg):
+    """Write to a temporary file, then rename: a crash mid-write never replaces the last good checkpoint."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": cfg,
+             "rng": torch.get_rng_state()}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """The checkpoint dict of a training run (path: ckpt.pt or the out_dir holding it)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); it is left as it is: "
+                           "move it away and resume from an earlier copy, or start a new out_dir") from e
+
+
+def load_student(path, device="cpu"):
+    """The trained student as a model.Transformer, from a training checkpoint (teacher + projections)."""
+    ckpt = load_checkpoint(path, device)
+    cfg = ckpt["config"]
+    model = build_model(cfg, device, "float32")
+    model.load_state_dict(ckpt["model"])
+    return model.student(), cfg
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+def train(cfg):
+    device, dtype = resolve_system(cfg)
+    rank, local_rank, world, device = setup_distributed(device)
+    master = rank == 0
+    torch.manual_seed(cfg["seed"])  # same initial projections on every rank
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
+    log = print if master else (lambda *a, **k: None)
+
+    tokenizer = load_tokenizer(cfg["teacher"])
+    check_compatible(cfg["data_dir"], tokenizer, cfg["block_size"])
+    batches = Batches(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], seed=cfg["seed"], rank=rank,
+                      world_size=world, device=device)
+    model = build_model(cfg, device, dtype)
+    if tokenizer.vocab_size > model.teacher.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the teacher's embedding only "
+                         f"{model.teacher.config.vocab_size} rows: tokenizer and weights do not belong together")
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
+                                 weight_decay=cfg["weight_decay"])
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    step = 0
+    if cfg["resume"]:
+        ckpt = load_checkpoint(ckpt_path, device)
+        changed = {k: (ckpt["config"].get(k), v) for k, v in cfg.items() if ckpt["config"].get(k) != v}
+        for k in ("teacher", "method", "d_student", "clone_terms", "alignment", "data_dir", "seed"):
+            if k in changed:
+                raise ValueError(f"--resume: {k} was {changed[k][0]!r} in the checkpoint, now {changed[k][1]!r}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        log(f"resumed from {ckpt_path} at step {step}" + (f"; changed: {changed}" if changed else ""))
+    raw = model
+    if world > 1:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    fwd = torch.compile(model) if cfg["compile"] else model
+
+    tokens_per_step = cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum"] * world
+    fpt, fpt_ctx = flops_per_token(raw)
+    flops_per_step = tokens_per_step * (fpt + fpt_ctx * cfg["block_size"] / 2)
+    log(f"nanoLRC | python {platform.python_version()} torch {torch.__version__} | {device} {dtype} "
+        f"x{world} | {sum(p.numel() for p in raw.parameters()):,} trainable parameters")
+    log("config: " + json.dumps(cfg))
+    log(f"{tokens_per_step:,} tokens per step, {tokens_per_step * cfg['max_steps']:,} in {cfg['max_steps']} steps")
+    metrics = open(os.path.join(cfg["out_dir"], "metrics.jsonl"), "a") if master else None
+
+    def record(row):
+        if master:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
+    teacher_loss, t_start, t_last = None, time.time(), time.time()
+    bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master or not sys.stderr.isatty())
+    while True:
+        out_of_time = cfg["max_minutes"] > 0 and time.time() - t_start > 60 * cfg["max_minutes"]
+        last = step >= cfg["max_steps"] or out_of_time
+        if step % cfg["eval_interval"] == 0 or last:
+            ev = evaluate(raw, batches, cfg["eval_batches"], autocast, teacher_loss)
+            teacher_loss = ev["teacher_val_loss"]
+            bar.write(f"step {step}: val loss {ev['val_loss']:.4f} (teacher {teacher_loss:.4f}) | "
+                      f"KL {ev['val_kl']:.4f} | agreement {ev['val_agreement']:.1%}") if master else None
+            record({"step": step, "tokens": step * tokens_per_step, **ev})
+        if master and step > 0 and (step % cfg["ckpt_interval"] == 0 or last):
+            save_checkpoint(ckpt_path, raw, optimizer, step, cfg)
+        if last:
+            break
+
+        # one optimizer step: grad_accum micro-batches, gradients synchronised on the last one only
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        parts_sum = {}
+        for micro in range(cfg["grad_accum"]):
+            x, y, *mask = batches.get_batch("train", step, micro)
+            sync = world == 1 or micro == cfg["grad_accum"] - 1
+            with (nullcontext() if sync else model.no_sync()), autocast:
+                loss, parts = fwd(x, y)
+            (loss / cfg["grad_accum"]).backward()
+            for k, v in {"loss": loss.detach(), **parts}.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v.float() / cfg["grad_accum"]
+        if not all(torch.isfinite(v) for v in parts_sum.values()):
+            bad = {k: v.item() for k, v in parts_sum.items() if not torch.isfinite(v)}
+            raise FloatingPointError(f"step {step}: non-finite loss {bad}; stopped without saving, the last "
+                                     f"good checkpoint ({ckpt_path}) is untouched: resume with a lower lr")
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        if step % cfg["log_interval"] == 0 and master:
+            dt, t_last = time.time() - t_last, time.time()
+            steps_done = cfg["log_interval"]
+            tps = steps_done * tokens_per_step / dt
+            mfu = steps_done * flops_per_step / dt / peak_flops(device) if peak_flops(device) else float("nan")
+            eta = (cfg["max_steps"] - step) * dt / steps_done
+            row = {"step": step, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tps, "mfu": mfu,
+                   **{k: v.item() for k, v in parts_sum.items()}}
+            record(row)
+            bar.write(f"step {step} | loss {row['loss']:.4f} | " +
+                      " ".join(f"{k} {row[k]:.4g}" for k in ("kl", "lm", "clone") if k in row) +
+                      f" | lr {lr:.2e} | {tps:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu == mfu else "") +
+                      f" | ETA {eta / 60:.1f} min")
+    bar.close()
+    if master:
+        student_dir = os.path.join(cfg["out_dir"], "student")
+        raw.export(student_dir, dtype=getattr(torch, cfg["export_dtype"]), tokenizer_dir=cfg["teacher"])
+        log(f"exported the student to {student_dir} after {step} steps ({step * tokens_per_step:,} tokens)")
+        metrics.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return raw
+
+
+def peak_flops(device):
+    """Dense bf16 peak of known GPUs, for the MFU estimate (0: unknown, MFU not shown)."""
+    if not device.startswith("cuda"):
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    table = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
+    return next((v for k, v in table.items() if k in name), 0.0)
+
+
+if __name__ == "__main__":
+    config = configure_or_exit(DEFAULTS)
+    try:
+        train(config)
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
