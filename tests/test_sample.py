@@ -1,0 +1,174 @@
+"""sample.py: greedy parity with transformers, chat prompts as HF renders them, streaming, model lookup, errors."""
+import io
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sample
+import train
+from data import load_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny_model_dir(request, make_tokenizer_dir, tmp_path_factory):
+    """A random transformers model with the tiny ChatML tokenizer, saved as an ordinary HF dir."""
+    transformers = pytest.importorskip("transformers")
+    tok_dir = make_tokenizer_dir()
+    tok = load_tokenizer(tok_dir)
+    kw = dict(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              initializer_range=0.2, eos_token_id=tok.eos_id)  # large init: clear argmax margins
+    torch.manual_seed(0)
+    if request.param == "llama":
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
+    else:
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw, tie_word_embeddings=True))
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    for name in os.listdir(tok_dir):
+        shutil.copy(os.path.join(tok_dir, name), path)
+    return str(path)
+
+
+def cfg(**kw):
+    return {**sample.DEFAULTS, "temperature": 0.0, "max_new_tokens": 16, **kw}
+
+
+def test_greedy_matches_transformers(tiny_model_dir, capsys):
+    transformers = pytest.importorskip("transformers")
+    model, tok, eos = sample.load(tiny_model_dir, "cpu", "float32")
+    ids = sample.prompt_ids(tok, "the world and", chat=False)
+    new = sample.stream(model, tok, ids, eos, cfg(), out=io.StringIO())
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=sorted(eos),
+                      pad_token_id=tok.eos_id)[0, len(ids):].tolist()
+    ref = ref[:-1] if ref[-1] in eos else ref  # sample.py leaves the EOS out
+    assert new == ref and len(new) > 0
+
+    # the command line prints the prompt, then the same text
+    sample.main([f"--model={tiny_model_dir}", "--prompt=the world and", "--temperature=0", "--max_new_tokens=16"])
+    out = capsys.readouterr()
+    assert out.out == "the world and" + tok.decode(ref) + "\n"
+    assert "tokens/s" in out.err
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_model_dir):
+    model, tok, eos = sample.load(tiny_model_dir, "cpu", "float32")
+    ids = sample.prompt_ids(tok, "", chat=False)
+    assert ids == [tok.eos_id]  # an empty prompt starts a document, as packed training data does
+    run = lambda seed, **kw: sample.stream(model, tok, ids, eos, cfg(temperature=1.0, **kw),  # noqa: E731
+                                           torch.Generator().manual_seed(seed), out=io.StringIO())
+    assert run(1) == run(1)
+    assert run(1, top_k=1) == sample.stream(model, tok, ids, eos, cfg(), out=io.StringIO())
+
+
+def test_chat_prompt_is_rendered_as_hf_does(tiny_model_dir, capsys):
+    model, tok, eos = sample.load(tiny_model_dir, "cpu", "float32")
+    messages = [{"role": "user", "content": "the world and"}]
+    ids = sample.prompt_ids(tok, "the world and", chat=True)
+    text = tok.render_chat(messages, add_generation_prompt=True)
+    assert tok.decode(ids) == text and text.endswith("<|im_start|>assistant\n")
+    transformers = pytest.importorskip("transformers")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == text
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
+
+    # in chat mode only the reply is printed, and it ends at <|im_end|>
+    sample.main([f"--model={tiny_model_dir}", "--prompt=the world and", "--chat=True", "--temperature=0",
+                 "--max_new_tokens=16"])
+    reply = sample.stream(model, tok, ids, eos, cfg(), out=io.StringIO())
+    assert capsys.readouterr().out == tok.decode(reply) + "\n"
+
+
+def test_prompt_from_a_file_or_stdin(tmp_path, monkeypatch):
+    (tmp_path / "p.txt").write_text("In the beginning\n", encoding="utf-8")
+    assert sample.read_prompt(f"FILE:{tmp_path / 'p.txt'}") == "In the beginning\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("from stdin"))
+    assert sample.read_prompt("-") == "from stdin" and sample.read_prompt("plain") == "plain"
+
+
+class Chunks(list):
+    def write(self, s):
+        self.append(s)
+
+    def flush(self):
+        pass
+
+
+class Replay:
+    """Stands in for a model: generate() yields a fixed token sequence."""
+    def __init__(self, ids):
+        self.ids = ids
+
+    def parameters(self):
+        yield torch.zeros(1)
+
+    def generate(self, idx, max_new_tokens, *args, **kw):
+        yield from (torch.tensor([i]) for i in self.ids[:max_new_tokens])
+
+
+def test_stream_prints_only_whole_utf8_characters(tiny_tok):
+    text = "the wörld 🙂 and ñ"
+    ids = tiny_tok.encode(text)
+    assert len(ids) > len(text.split())  # multi-byte characters are split over byte tokens
+    out = Chunks()
+    new = sample.stream(Replay(ids + [tiny_tok.eos_id, 5]), tiny_tok, [0], {tiny_tok.eos_id}, cfg(), out=out)
+    assert new == ids  # stops at EOS, which is not printed
+    assert "".join(out) == text + "\n" and not any("\ufffd" in c for c in out)
+    assert "" in out  # a token ending inside a character printed nothing until the character was whole
+
+
+def test_default_is_the_newest_student(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    for run, age in (("a", 0), ("b", 100)):  # "a" was exported last
+        student = tmp_path / "out" / run / "student"
+        shutil.copytree(tiny_model_dir, student)
+        os.utime(student / "config.json", (1e9 - age, 1e9 - age))
+    monkeypatch.chdir(tmp_path)
+    assert sample.resolve_model("") == os.path.join("out", "a", "student")
+    assert sample.resolve_model("out/b") == os.path.join("out", "b", "student")  # a finished run's out_dir
+    sample.main(["--prompt=the", "--max_new_tokens=4"])
+    assert capsys.readouterr().out.startswith("the")
+
+
+def test_training_checkpoint_samples_as_its_export(tiny_model_dir, tmp_path, capsys):
+    c = {**train.DEFAULTS, "teacher": tiny_model_dir, "d_student": 32, "out_dir": str(tmp_path)}
+    torch.manual_seed(0)
+    lrc = train.build_model(c, "cpu", "float32")
+    torch.save({"model": lrc.state_dict(), "config": c, "step": 0}, tmp_path / "ckpt.pt")
+    argv = ["--prompt=the world", "--temperature=0", "--max_new_tokens=12"]
+    assert sample.resolve_model(str(tmp_path)) == str(tmp_path)  # no student/ yet: the checkpoint
+    sample.main([f"--model={tmp_path}"] + argv)
+    from_ckpt = capsys.readouterr().out
+    lrc.export(str(tmp_path / "student"), tokenizer_dir=tiny_model_dir)
+    sample.main([f"--model={tmp_path}"] + argv)  # now the exported student
+    assert capsys.readouterr().out == from_ckpt
+    sample.main([f"--model={tmp_path / 'ckpt.pt'}"] + argv)
+    assert capsys.readouterr().out == from_ckpt
+
+
+def test_bad_paths_are_clear_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for argv, msg in (([], "run python demo.py first"), (["--model=nope"], "nope does not exist"),
+                      ([f"--model={tmp_path}"], "neither an HF dir")):
+        with pytest.raises(SystemExit) as e:
+            sample.main(argv + ["--prompt=x"])
+        assert e.value.code == 1 and msg in capsys.readouterr().err
+    # and from the command line: exit status 1 and one line, no traceback
+    r = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--model=nope"], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.startswith("error: --model=nope does not exist")
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.asset
+def test_smollm2_knows_the_capital_of_france(smollm2_dir, capsys):
+    sample.main([f"--model={smollm2_dir}", "--prompt=The capital of France is", "--temperature=0",
+                 "--max_new_tokens=3"])
+    assert capsys.readouterr().out.startswith("The capital of France is Paris")
