@@ -61,6 +61,7 @@ DEFAULTS = dict(
     grad_clip=1.0,
     max_steps=1000,
     max_minutes=0.0,  # > 0: stop (evaluate, save, export) after this wall time
+    stop_at=0,  # > 0: save at this step and exit unexported, as a preemption would; --resume=True goes on
     # evaluation, logging, checkpoints
     eval_interval=200,
     eval_batches=8,
@@ -98,11 +99,15 @@ def resolve_system(cfg):
     return device, dtype
 
 
+def check_teacher(path):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"teacher dir {path!r} does not exist: set --teacher=HF_DIR "
+                                "(for the demo teacher run python demo.py once)")
+
+
 def build_model(cfg, device, dtype):
     """The trainable module for cfg['method']: forward(idx, targets) -> (loss, parts); .student(); .export()."""
-    if not os.path.isdir(cfg["teacher"]):
-        raise FileNotFoundError(f"teacher dir {cfg['teacher']!r} does not exist: set --teacher=HF_DIR "
-                                "(for the demo teacher run python demo.py once)")
+    check_teacher(cfg["teacher"])
     # the teacher is frozen: held in the compute dtype (bf16 on GPU), no fp32 master copy needed
     teacher = Transformer.from_pretrained(cfg["teacher"], device=device, dtype=getattr(torch, dtype))
     if cfg["method"] == "lrc":
@@ -206,6 +211,7 @@ def train(cfg):
     autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
     log = print if master else (lambda *a, **k: None)
 
+    check_teacher(cfg["teacher"])
     tokenizer = load_tokenizer(cfg["teacher"])
     check_compatible(cfg["data_dir"], tokenizer, cfg["block_size"])
     batches = Batches(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], seed=cfg["seed"], rank=rank,
@@ -249,20 +255,23 @@ def train(cfg):
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
 
-    teacher_loss, t_start, t_last = None, time.time(), time.time()
+    teacher_loss, t_start, t_last, start_step = None, time.time(), time.time(), step
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master or not sys.stderr.isatty())
     while True:
         out_of_time = cfg["max_minutes"] > 0 and time.time() - t_start > 60 * cfg["max_minutes"]
         last = step >= cfg["max_steps"] or out_of_time
-        if step % cfg["eval_interval"] == 0 or last:
+        # stop_at acts like a preemption: save and exit, leaving this step's eval to the resumed run
+        stop = not last and 0 < cfg["stop_at"] <= step
+        if (step % cfg["eval_interval"] == 0 or last) and not stop:
             ev = evaluate(raw, batches, cfg["eval_batches"], autocast, teacher_loss)
             teacher_loss = ev["teacher_val_loss"]
             bar.write(f"step {step}: val loss {ev['val_loss']:.4f} (teacher {teacher_loss:.4f}) | "
                       f"KL {ev['val_kl']:.4f} | agreement {ev['val_agreement']:.1%}") if master else None
             record({"step": step, "tokens": step * tokens_per_step, **ev})
-        if master and step > 0 and (step % cfg["ckpt_interval"] == 0 or last):
+        # not at the step the run started from: step 0 is untrained, and a resumed checkpoint is already on disk
+        if master and step > start_step and (step % cfg["ckpt_interval"] == 0 or last or stop):
             save_checkpoint(ckpt_path, raw, optimizer, step, cfg)
-        if last:
+        if last or stop:
             break
 
         # one optimizer step: grad_accum micro-batches, gradients synchronised on the last one only
@@ -278,6 +287,10 @@ def train(cfg):
             (loss / cfg["grad_accum"]).backward()
             for k, v in {"loss": loss.detach(), **parts}.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v.float() / cfg["grad_accum"]
+        if world > 1:  # mean over ranks: the log shows the global batch, and every rank sees a NaN and stops
+            parts = torch.stack(list(parts_sum.values()))
+            dist.all_reduce(parts)
+            parts_sum = dict(zip(parts_sum, parts / world))
         if not all(torch.isfinite(v) for v in parts_sum.values()):
             bad = {k: v.item() for k, v in parts_sum.items() if not torch.isfinite(v)}
             raise FloatingPointError(f"step {step}: non-finite loss {bad}; stopped without saving, the last "
@@ -302,10 +315,13 @@ def train(cfg):
                       f" | lr {lr:.2e} | {tps:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu == mfu else "") +
                       f" | ETA {eta / 60:.1f} min")
     bar.close()
-    if master:
+    if stop:
+        log(f"stopped at step {step} (stop_at): {ckpt_path} saved; continue with --resume=True")
+    elif master:
         student_dir = os.path.join(cfg["out_dir"], "student")
         raw.export(student_dir, dtype=getattr(torch, cfg["export_dtype"]), tokenizer_dir=cfg["teacher"])
         log(f"exported the student to {student_dir} after {step} steps ({step * tokens_per_step:,} tokens)")
+    if master:
         metrics.close()
     if dist.is_initialized():
         dist.destroy_process_group()

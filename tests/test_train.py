@@ -1,0 +1,297 @@
+"""
+train.py end to end, as users run it (subprocesses, CPU, fp32): a tiny Qwen2 teacher, config/tiny.py, seconds a run.
+
+    python -m pytest tests/test_train.py            # ≈45 s on 2 idle cores (runs are shared per session)
+    python -m pytest tests/test_train.py -m "not slow"
+
+What is checked: DDP over 2 ranks = grad accumulation over 2 micro-batches; resuming is bit-exact; a checkpoint
+survives a kill mid-write; a corrupt checkpoint, a non-finite loss, bad config keys and bad data stop with a
+clear message and leave the last good checkpoint alone; the exported student equals the checkpointed one.
+"""
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from data import load_tokenizer, prepare
+from model import Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING = ("tokens_per_s", "mfu")  # wall-clock fields of metrics.jsonl: the only ones allowed to differ
+HALF = 3  # config/tiny.py: max_steps 6, checkpoints and evals every 3 steps
+
+
+def train_py(*args, nproc=1):
+    """Run `python train.py config/tiny.py ARGS` (or torchrun with nproc ranks) from the repo root."""
+    launch = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in every run: bit-exact comparisons
+    return subprocess.run([*launch, "train.py", "config/tiny.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def write_text(path, n_docs=60, n_words=40):
+    words = "the and world in a or he an light day night earth water heaven".split()
+    rnd = random.Random(0)
+    path.write_text("\n\n".join(" ".join(rnd.choice(words) for _ in range(n_words)) for _ in range(n_docs)))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_teacher, tmp_path_factory):
+    """Data prepared with the tiny teacher's tokenizer: ≈6k train and ≈1k val tokens."""
+    root = tmp_path_factory.mktemp("data")
+    prepare(load_tokenizer(tiny_teacher), [{"path": write_text(root / "a.txt")}], str(root / "bin"),
+            val_fraction=0.1)
+    return str(root / "bin")
+
+
+@pytest.fixture(scope="session")
+def runs(tiny_teacher, tiny_data, tmp_path_factory):
+    """runs(*args, nproc=1) -> out_dir of a successful run with these arguments, run once per session.
+    Tests that change an out_dir (resume) work on a copy."""
+    root, done = tmp_path_factory.mktemp("runs"), {}
+
+    def run(*args, nproc=1):
+        if (args, nproc) not in done:
+            out = str(root / f"run{len(done)}")
+            r = train_py(f"--teacher={tiny_teacher}", f"--data_dir={tiny_data}", f"--out_dir={out}", *args,
+                         nproc=nproc)
+            assert r.returncode == 0, r.stderr[-3000:]
+            done[args, nproc] = out
+        return done[args, nproc]
+    return run
+
+
+@pytest.fixture
+def halfway(runs, tmp_path):
+    """A copy of a run stopped at step HALF of 6 (stop_at, as a preemption would): ckpt.pt, no export."""
+    out = str(tmp_path / "out")
+    shutil.copytree(runs(f"--stop_at={HALF}"), out)
+    return out
+
+
+def resume(out, tiny_teacher, tiny_data, *args):
+    return train_py(f"--teacher={tiny_teacher}", f"--data_dir={tiny_data}", f"--out_dir={out}", "--resume=True",
+                    *args)
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+
+
+def ckpt(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)
+
+
+def assert_identical(a, b, where=""):
+    """Nested dicts / lists of tensors and plain values, equal to the bit."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def file_state(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest(), os.stat(path).st_mtime_ns
+
+
+def check_export(out):
+    """out_dir/student is an HF dir whose logits equal those of the student rebuilt from ckpt.pt."""
+    student_dir = os.path.join(out, "student")
+    exported = Transformer.from_pretrained(student_dir)
+    rebuilt, cfg = train.load_student(out)
+    assert exported.config.hidden_size == cfg["d_student"] == 16
+    idx = torch.randint(0, 271, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(exported(idx)[0], rebuilt(idx)[0])
+    assert load_tokenizer(student_dir).vocab_size == 271  # the teacher's tokenizer travels with the student
+
+
+# -----------------------------------------------------------------------------
+# runs that finish
+
+def test_smoke(runs):
+    out = runs()
+    rows = metrics(out)
+    assert rows[-1]["step"] == 6 and all(v == v for v in rows[-1].values())  # final eval, no NaN
+    assert ckpt(out)["step"] == 6
+    check_export(out)
+
+
+@pytest.mark.slow  # torchrun start-up ≈7 s
+def test_smoke_torchrun(runs):
+    out = runs("--grad_accum=1", nproc=2)
+    assert ckpt(out)["step"] == 6
+    check_export(out)
+
+
+@pytest.mark.slow  # a torchrun and a single-process run
+def test_ddp_equals_grad_accum(runs):
+    """2 ranks x 1 micro-batch = 1 rank x 2 micro-batches: Batches draws micro-batch (micro_step * world_size +
+    rank) of the global batch, so both see the same windows; the loss is a mean per micro-batch divided by
+    grad_accum and DDP averages gradients over ranks, so the gradients are the same too."""
+    single, ddp = runs(), runs("--grad_accum=1", nproc=2)
+    a, b = ckpt(single), ckpt(ddp)
+    assert (a["config"]["grad_accum"], b["config"]["grad_accum"]) == (2, 1) and a["step"] == b["step"] == 6
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-6, atol=1e-7,
+                                   msg=lambda m: f"{k}: {m}")
+    # the logged losses are the global batch's too (all-reduced over ranks), and so are the evals
+    rows_a, rows_b = metrics(single), metrics(ddp)
+    assert [r.keys() for r in rows_a] == [r.keys() for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b):
+        assert rb == pytest.approx(ra, rel=1e-5, abs=1e-7)
+
+
+def test_resume_is_exact(runs, halfway, tiny_teacher, tiny_data):
+    """6 steps in one go = 3 steps, stop, resume to 6: the same metrics rows and checkpoint to the bit."""
+    assert ckpt(halfway)["step"] == HALF and not os.path.exists(os.path.join(halfway, "student"))
+    r = resume(halfway, tiny_teacher, tiny_data)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {os.path.join(halfway, 'ckpt.pt')} at step {HALF}" in r.stdout
+    full = runs()
+    assert metrics(halfway) == metrics(full)
+    a, b = ckpt(full), ckpt(halfway)
+    assert_identical(b["model"], a["model"], "model")
+    assert_identical(b["optimizer"], a["optimizer"], "optimizer")
+    assert b["step"] == a["step"] == 6
+    for name in ("model.safetensors", "config.json"):
+        with open(os.path.join(full, "student", name), "rb") as fa, \
+                open(os.path.join(halfway, "student", name), "rb") as fb:
+            assert fa.read() == fb.read(), name
+
+
+# -----------------------------------------------------------------------------
+# crashes and bad checkpoints
+
+# save_checkpoint of a run whose torch.save stalls halfway through the file, until the test SIGKILLs it
+KILLED_SAVE = r"""
+import io, os, sys, time
+import torch
+import train
+out = sys.argv[1]
+ck = train.load_checkpoint(out)
+model = train.build_model(ck["config"], "cpu", "float32")
+model.load_state_dict(ck["model"])
+optimizer = torch.optim.Adam(model.parameters())
+optimizer.load_state_dict(ck["optimizer"])
+real_save = torch.save
+def stalled_save(obj, f):
+    buf = io.BytesIO()
+    real_save(obj, buf)
+    with open(f, "wb") as fh:
+        fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    print("half written", flush=True)
+    time.sleep(300)
+torch.save = stalled_save
+train.save_checkpoint(os.path.join(out, "ckpt.pt"), model, optimizer, ck["step"] + 1, ck["config"])
+"""
+
+
+def test_kill_during_checkpoint_write(runs, halfway, tiny_teacher, tiny_data):
+    path = os.path.join(halfway, "ckpt.pt")
+    before = file_state(path)
+    p = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, halfway], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = p.stdout.readline()
+        assert line == "half written\n", p.stderr.read() if p.poll() is not None else line
+    finally:
+        p.kill()  # SIGKILL
+        p.communicate()
+    # the half-written file is the temporary one; the checkpoint is the one from before
+    with pytest.raises(ValueError, match="unreadable"):
+        train.load_checkpoint(path + ".tmp")
+    assert file_state(path) == before
+    r = resume(halfway, tiny_teacher, tiny_data)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not os.path.exists(path + ".tmp")  # the next save went through the .tmp file and renamed it
+    assert_identical(ckpt(halfway)["model"], ckpt(runs())["model"], "model")
+
+
+def test_corrupt_checkpoint(halfway, tiny_teacher, tiny_data):
+    """A truncated ckpt.pt (say, a copy cut short): a clear error, and the file is left for the user."""
+    path = os.path.join(halfway, "ckpt.pt")
+    with open(path, "rb") as f:
+        good = f.read()
+    with open(path, "wb") as f:
+        f.write(good[: len(good) // 2])
+    before = file_state(path)
+    r = resume(halfway, tiny_teacher, tiny_data)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert f"checkpoint {path} is unreadable" in r.stderr and "move it away" in r.stderr
+    assert file_state(path) == before
+    assert not os.path.exists(os.path.join(halfway, "student"))
+
+
+def test_nonfinite_loss_stops(halfway, tiny_teacher, tiny_data):
+    """lr 1e30 from step 3 on: the weights blow up, and the run stops at the first non-finite loss without
+    touching the step-3 checkpoint (nor rewriting it on resume)."""
+    path = os.path.join(halfway, "ckpt.pt")
+    before = file_state(path)
+    r = resume(halfway, tiny_teacher, tiny_data, "--lr=1e30")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    m = re.search(r"error: step (\d+): non-finite loss \{'loss': (inf|-inf|nan)", r.stderr)
+    assert m and int(m.group(1)) > HALF, r.stderr[-3000:]
+    assert "the last good checkpoint" in r.stderr and "lower lr" in r.stderr
+    assert file_state(path) == before
+    assert not os.path.exists(os.path.join(halfway, "student"))
+
+
+# -----------------------------------------------------------------------------
+# clear errors for bad configs and data
+
+@pytest.mark.parametrize("arg, code, message", [
+    ("--lrr=1e-3", 2, "unknown config key 'lrr'; did you mean 'lr'?"),
+    ("--batch_size=2.5", 2, "config key 'batch_size' expects int, got float 2.5"),
+    ("--teacher={tmp}/missing", 1, "teacher dir '{tmp}/missing' does not exist: set --teacher=HF_DIR"),
+    ("--data_dir={tmp}/missing", 1, "{tmp}/missing holds no prepared data (no meta.json)"),
+    ("--resume=True", 1, "no checkpoint at {tmp}/out/ckpt.pt"),
+    ("--block_size=100000", 1, "fewer than one block of 100000+1"),
+])
+def test_config_errors(tiny_teacher, tiny_data, tmp_path, arg, code, message):
+    r = train_py(f"--teacher={tiny_teacher}", f"--data_dir={tiny_data}", f"--out_dir={tmp_path}/out",
+                 arg.format(tmp=tmp_path))
+    assert r.returncode == code, r.stderr[-3000:]
+    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert message.format(tmp=tmp_path) in r.stderr
+
+
+def test_data_of_another_tokenizer(tiny_teacher, make_tokenizer_dir, tmp_path):
+    other = load_tokenizer(make_tokenizer_dir(merges=["Ġ t", "h e"]))
+    prepare(other, [{"path": write_text(tmp_path / "a.txt")}], str(tmp_path / "bin"), val_fraction=0.1)
+    r = train_py(f"--teacher={tiny_teacher}", f"--data_dir={tmp_path}/bin", f"--out_dir={tmp_path}/out")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "was tokenized with a different tokenizer" in r.stderr and "prepare it again" in r.stderr
+
+
+def test_data_too_short(tiny_teacher, tmp_path):
+    """Two short documents, shorter together than one block of 32 + 1 tokens: refused with what to do."""
+    tok = load_tokenizer(tiny_teacher)
+    prepare(tok, [{"path": write_text(tmp_path / "a.txt", n_docs=2, n_words=5)}], str(tmp_path / "bin"),
+            val_fraction=0.0)
+    r = train_py(f"--teacher={tiny_teacher}", f"--data_dir={tmp_path}/bin", f"--out_dir={tmp_path}/out")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert re.search(r"the train split has \d+ tokens, fewer than one block of 32\+1; add data", r.stderr)
