@@ -69,8 +69,9 @@ class LowRankClone(nn.Module):
                                    for _ in teacher.layers).to(dev)
         self.norm = RMSNorm(dS, tc.rms_norm_eps).to(dev)
         # Ablation "explicit alignment": separate matrices map the teacher outputs instead of P_o, P_down.
-        self.align = None if alignment == "reuse" else nn.ModuleList(
-            nn.ParameterDict({"o": proj(), "down": proj()}) for _ in teacher.layers)
+        self.align = None if alignment == "reuse" else nn.ModuleList(  # only for output terms in use
+            nn.ParameterDict({OUTPUT_TERMS[t]: proj() for t in self.clone_terms if t in OUTPUT_TERMS})
+            for _ in teacher.layers)
         self.init_projections(init, init_std)
 
     @torch.no_grad()

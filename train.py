@@ -173,7 +173,10 @@ def save_checkpoint(path, model, optimizer, step, cfg):
     """Write to a temporary file, then rename: a crash mid-write never replaces the last good checkpoint."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": cfg,
              "rng": torch.get_rng_state()}
-    torch.save(state, path + ".tmp")
+    with open(path + ".tmp", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, so a power loss cannot leave an empty ckpt.pt
     os.replace(path + ".tmp", path)
 
 
@@ -225,9 +228,13 @@ def train(cfg):
     os.makedirs(cfg["out_dir"], exist_ok=True)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     step = 0
+    if not cfg["resume"] and os.path.exists(ckpt_path):
+        raise ValueError(f"{ckpt_path} exists: pass --resume=True to continue that run, or choose another "
+                         "out_dir (a new run never overwrites a checkpoint)")
     if cfg["resume"]:
         ckpt = load_checkpoint(ckpt_path, device)
-        changed = {k: (ckpt["config"].get(k), v) for k, v in cfg.items() if ckpt["config"].get(k) != v}
+        changed = {k: (ckpt["config"].get(k), v) for k, v in cfg.items()
+                   if ckpt["config"].get(k) != v and k != "resume"}
         for k in ("teacher", "method", "d_student", "clone_terms", "alignment", "data_dir", "seed"):
             if k in changed:
                 raise ValueError(f"--resume: {k} was {changed[k][0]!r} in the checkpoint, now {changed[k][1]!r}")
@@ -248,7 +255,13 @@ def train(cfg):
         f"x{world} | {sum(p.numel() for p in raw.parameters()):,} trainable parameters")
     log("config: " + json.dumps(cfg))
     log(f"{tokens_per_step:,} tokens per step, {tokens_per_step * cfg['max_steps']:,} in {cfg['max_steps']} steps")
-    metrics = open(os.path.join(cfg["out_dir"], "metrics.jsonl"), "a") if master else None
+    metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
+    if master and step > 0 and os.path.exists(metrics_path):  # drop rows a killed run wrote past its checkpoint
+        with open(metrics_path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+    metrics = open(metrics_path, "a" if step > 0 else "w") if master else None
 
     def record(row):
         if master:

@@ -201,3 +201,12 @@ def test_bad_input():
                       num_attention_heads=2, num_key_value_heads=2, head_dim=4, attention_bias=True)
     with pytest.raises(ValueError, match="o_proj bias"):
         LowRankClone(Transformer(cfg), 4)
+
+
+def test_explicit_alignment_only_for_output_terms_in_use():
+    teacher = tiny_teacher("qwen2_tied_bias")
+    lrc = LowRankClone(teacher, 16, clone_terms=("q", "k", "v", "attn_out"), alignment="explicit")
+    assert set(lrc.align[0]) == {"o"}
+    loss, _ = lrc(*batch())
+    loss.backward()
+    assert all(p.grad is not None for p in lrc.parameters())  # no dead parameter (DDP would refuse it)

@@ -199,8 +199,8 @@ real_save = torch.save
 def stalled_save(obj, f):
     buf = io.BytesIO()
     real_save(obj, buf)
-    with open(f, "wb") as fh:
-        fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    f.write(buf.getvalue()[: len(buf.getvalue()) // 2])  # f: the open ckpt.pt.tmp
+    f.flush()
     print("half written", flush=True)
     time.sleep(300)
 torch.save = stalled_save
@@ -295,3 +295,11 @@ def test_data_too_short(tiny_teacher, tmp_path):
     r = train_py(f"--teacher={tiny_teacher}", f"--data_dir={tmp_path}/bin", f"--out_dir={tmp_path}/out")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert re.search(r"the train split has \d+ tokens, fewer than one block of 32\+1; add data", r.stderr)
+
+
+def test_new_run_never_overwrites_a_checkpoint(runs, halfway, tiny_teacher, tiny_data):
+    before = file_state(os.path.join(halfway, "ckpt.pt"))
+    r = train_py(f"--teacher={tiny_teacher}", f"--data_dir={tiny_data}", f"--out_dir={halfway}")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "exists: pass --resume=True" in r.stderr
+    assert file_state(os.path.join(halfway, "ckpt.pt")) == before
