@@ -134,11 +134,11 @@ class LowRankClone(nn.Module):
             for term in self.clone_terms:
                 clone[term] = clone[term] + mse(s_acts[term], self.clone_target(i, term, t_acts))
         with torch.no_grad():
-            t_logits = teacher.lm_head(teacher.norm(h_t))  # (B, T, V)
-        s_logits = F.linear(self.norm(h_s), self.head(emb))  # (B, T, V)
-        kl, lm = distill_losses(s_logits, t_logits, targets, self.temperature, self.kl_reduction)
+            h_t = teacher.norm(h_t)
+        kl_lm, kl, lm = distill_head(self.norm(h_s), self.head(emb), h_t, teacher.lm_head.weight, targets,
+                                     self.temperature, self.kl_reduction)
         clone_total = sum(clone.values(), h_s.new_zeros((), dtype=torch.float32))
-        loss = kl + lm + self.alpha * clone_total  # Eq. 7
+        loss = kl_lm + self.alpha * clone_total  # Eq. 7: L_KL + L_LM + alpha * L_clone
         parts = {"kl": kl, "lm": lm, "clone": clone_total, **{f"clone/{k}": v for k, v in clone.items()}}
         return loss, {k: v.detach() for k, v in parts.items()}
 
@@ -196,8 +196,66 @@ def mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (s.float() - t.float()).square().mean()
 
 
+# Token chunk of the loss head: chunk x vocab elements per [tokens, V] buffer (64 MB in fp32).
+HEAD_CHUNK_ELEMENTS = 1 << 24
+
+
+def distill_head(h_s, w_s, h_t, w_t, targets, temperature, kl_reduction="batchmean"):
+    """(L_KL + L_LM, L_KL, L_LM) of distill_losses from the final hidden states (B, T, d) and the two
+    heads (V, d), without ever materialising [tokens, V] logits of either model (see FusedDistillHead).
+    Only the sum carries a gradient; the parts are detached values for logging."""
+    kl_div = h_s.shape[0] if kl_reduction == "batchmean" else targets.numel()
+    return FusedDistillHead.apply(h_s.flatten(0, 1), w_s, h_t.flatten(0, 1), w_t, targets.flatten(),
+                                  temperature, kl_div)
+
+
+class FusedDistillHead(torch.autograd.Function):
+    """L_KL + L_LM, chunk by chunk over tokens. The loss is a scalar, so its gradients with respect to
+    the student's hidden states and head are formed in the same pass as the loss (the gradient of
+    KL(p_T || softmax(z/T)) w.r.t. the logits z is (softmax(z/T) - p_T) / T; of CE it is
+    softmax(z) - onehot) and backward only scales them. Exact: no approximation is involved."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, targets, temperature, kl_div):
+        N, V = targets.numel(), w_s.shape[0]
+        valid = targets != -100
+        n_valid = valid.sum().clamp(min=1)
+        grad_h, grad_w = torch.empty_like(h_s, dtype=torch.float32), torch.zeros_like(w_s, dtype=torch.float32)
+        kl, lm = h_s.new_zeros((), dtype=torch.float32), h_s.new_zeros((), dtype=torch.float32)
+        chunk = max(1, HEAD_CHUNK_ELEMENTS // V)
+        for i in range(0, N, chunk):
+            hs, tgt, ok = h_s[i:i + chunk], targets[i:i + chunk], valid[i:i + chunk]
+            z = (hs @ w_s.T).float()  # (c, V) student logits
+            t = (h_t[i:i + chunk] @ w_t.T).float() / temperature  # (c, V) teacher logits / T
+            # L_LM: cross-entropy; d/dz = softmax(z) - onehot, for valid targets, averaged over them
+            lse = z.logsumexp(-1, keepdim=True)
+            lm += ((lse[:, 0] - z.gather(1, tgt.clamp(min=0)[:, None])[:, 0]) * ok).sum()
+            g = (z - lse).exp_().mul_((ok / n_valid)[:, None])
+            g[torch.arange(len(tgt), device=g.device), tgt.clamp(min=0)] -= ok / n_valid
+            # L_KL: sum_v p_T (log p_T - log q_S) = sum_v p_T (t - z/T) - lse(t) + lse(z/T)
+            zT = z.div_(temperature)
+            lse_s, lse_t = zT.logsumexp(-1, keepdim=True), t.logsumexp(-1, keepdim=True)
+            p_t = (t - lse_t).exp_()
+            kl += (p_t * (t - zT)).sum() + (lse_s - lse_t).sum()
+            g += (zT - lse_s).exp_().sub_(p_t).div_(temperature * kl_div)
+            grad_h[i:i + chunk] = g.to(w_s.dtype) @ w_s
+            grad_w += (g.T.to(hs.dtype) @ hs).float()
+        lm, kl = lm / n_valid, kl / kl_div
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = h_s.dtype, w_s.dtype
+        ctx.mark_non_differentiable(kl, lm)
+        return kl + lm, kl, lm
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kl, _grad_lm):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h.mul(grad_loss).to(ctx.dtypes[0]), grad_w.mul(grad_loss).to(ctx.dtypes[1]),
+                None, None, None, None, None)
+
+
 def distill_losses(s_logits, t_logits, targets, temperature, kl_reduction="batchmean"):
-    """(L_KL, L_LM), both in fp32. L_KL = KL(p_T || p_S) of logits / temperature. 'batchmean' is the
+    """(L_KL, L_LM) from whole logits (the plain computation; evaluation uses it at T=1 per token),
+    both in fp32. L_KL = KL(p_T || p_S) of logits / temperature. 'batchmean' is the
     official code's scaling: summed over tokens and vocabulary, divided by the number of sequences, no
     T^2 (the published alpha, T and lr were tuned with it); 'token' divides by the number of tokens."""
     s, t = s_logits.float() / temperature, t_logits.float() / temperature

@@ -22,12 +22,13 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from configurator import configure_or_exit
 from data import Batches, check_compatible, load_tokenizer
-from lrc import CLONE_TERMS, LowRankClone
+from lrc import CLONE_TERMS, LowRankClone, distill_losses
 from model import Transformer
 
 DEFAULTS = dict(
@@ -146,27 +147,22 @@ def flops_per_token(model):
 # evaluation and checkpoints
 
 @torch.no_grad()
-def evaluate(model, batches, n_batches, autocast, teacher_loss=None):
-    """Student val LM loss, per-token KL(teacher || student) at T=1 and top-1 agreement; the teacher's
-    val loss is computed once and passed back in."""
+def evaluate(model, batches, n_batches, autocast):
+    """Student and teacher val LM loss, per-token KL(teacher || student) at T=1, top-1 agreement."""
     student, teacher = model.student(), model.teacher
-    sums = torch.zeros(4)  # student loss, teacher loss, kl, agreement (sums of per-batch means)
+    sums = torch.zeros(4)
     for k in batches.eval_steps(n_batches):
         x, y = batches.get_batch("val", k)[:2]
         with autocast:
-            s_logits, s_loss = student(x, y)
-            t_logits, t_loss = teacher(x, y) if teacher_loss is None else (teacher(x)[0], None)
-        s_logp, t_logp = s_logits.float().log_softmax(-1), t_logits.float().log_softmax(-1)
-        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+            s_logits, t_logits = student(x)[0], teacher(x)[0]
+        kl, s_loss = distill_losses(s_logits, t_logits, y, 1.0, "token")
+        t_loss = F.cross_entropy(t_logits.float().flatten(0, 1), y.flatten())
         agree = (s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean()
-        sums += torch.stack([s_loss.float(), t_loss.float() if t_loss is not None else torch.tensor(0.0),
-                             kl, agree]).cpu()
+        sums += torch.stack([s_loss, t_loss, kl, agree]).cpu()
     if dist.is_initialized():
         dist.all_reduce(sums)
     sums /= n_batches
-    out = {"val_loss": sums[0].item(), "val_kl": sums[2].item(), "val_agreement": sums[3].item()}
-    out["teacher_val_loss"] = sums[1].item() if teacher_loss is None else teacher_loss
-    return out
+    return dict(zip(("val_loss", "teacher_val_loss", "val_kl", "val_agreement"), sums.tolist()))
 
 
 def save_checkpoint(path, model, optimizer, step, cfg):
@@ -268,7 +264,7 @@ def train(cfg):
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
 
-    teacher_loss, t_start, t_last, start_step = None, time.time(), time.time(), step
+    t_start, t_last, start_step = time.time(), time.time(), step
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master or not sys.stderr.isatty())
     while True:
         out_of_time = cfg["max_minutes"] > 0 and time.time() - t_start > 60 * cfg["max_minutes"]
@@ -276,9 +272,8 @@ def train(cfg):
         # stop_at acts like a preemption: save and exit, leaving this step's eval to the resumed run
         stop = not last and 0 < cfg["stop_at"] <= step
         if (step % cfg["eval_interval"] == 0 or last) and not stop:
-            ev = evaluate(raw, batches, cfg["eval_batches"], autocast, teacher_loss)
-            teacher_loss = ev["teacher_val_loss"]
-            bar.write(f"step {step}: val loss {ev['val_loss']:.4f} (teacher {teacher_loss:.4f}) | "
+            ev = evaluate(raw, batches, cfg["eval_batches"], autocast)
+            bar.write(f"step {step}: val loss {ev['val_loss']:.4f} (teacher {ev['teacher_val_loss']:.4f}) | "
                       f"KL {ev['val_kl']:.4f} | agreement {ev['val_agreement']:.1%}") if master else None
             record({"step": step, "tokens": step * tokens_per_step, **ev})
         # not at the step the run started from: step 0 is untrained, and a resumed checkpoint is already on disk
