@@ -44,13 +44,18 @@ class LowRankClone(nn.Module):
     the module tree, so it is never in parameters(), state_dict(), the optimizer or DDP's buckets."""
 
     def __init__(self, teacher: Transformer, d_student: int, clone_terms=CLONE_TERMS, alpha=0.5,
-                 temperature=40.0, kl_reduction="batchmean", alignment="reuse", init="normal", init_std=0.02):
+                 temperature=40.0, kl_reduction="batchmean", alignment="reuse", init="normal", init_std=0.02,
+                 clone_norm="none", clone_skip=0):
         super().__init__()
-        check_args(teacher, d_student, clone_terms, kl_reduction, alignment, init)
+        check_args(teacher, d_student, clone_terms, kl_reduction, alignment, init, clone_norm)
         tc = teacher.config
         object.__setattr__(self, "teacher", teacher.requires_grad_(False).eval())
         self.clone_terms, self.alpha, self.temperature = tuple(clone_terms), alpha, temperature
         self.kl_reduction, self.alignment = kl_reduction, alignment
+        # Not in the paper (see README, "Distillation efficiency"): clone_norm="target" divides each term by
+        # its target's mean square, making the loss scale-free against the teacher's massive activations;
+        # clone_skip leaves the first positions of each window (the attention sink) out of the clone loss.
+        self.clone_norm, self.clone_skip = clone_norm, clone_skip
         # Same depth, heads, head_dim, FFN width, vocabulary and RoPE; only the residual width shrinks.
         self.config = dataclasses.replace(tc, hidden_size=d_student)
         with torch.device("meta"):  # the student's architecture only; its weights are generated (Eq. 1)
@@ -132,7 +137,7 @@ class LowRankClone(nn.Module):
                 h_t = t_layer(h_t, cos, sin, 0, t_acts)
             h_s = functional_call(self.skeleton.layers[i], self.layer_weights(i), (h_s, cos, sin, 0, s_acts))
             for term in self.clone_terms:
-                clone[term] = clone[term] + mse(s_acts[term], self.clone_target(i, term, t_acts))
+                clone[term] = clone[term] + self.clone_mse(s_acts[term], self.clone_target(i, term, t_acts))
         with torch.no_grad():
             h_t = teacher.norm(h_t)
         kl_lm, kl, lm = distill_head(self.norm(h_s), self.head(emb), h_t, teacher.lm_head.weight, targets,
@@ -152,6 +157,12 @@ class LowRankClone(nn.Module):
             return t_acts[term]
         P = (self.align if self.align is not None else self.proj)[i][OUTPUT_TERMS[term]]
         return t_acts[term] @ P
+
+    def clone_mse(self, s, t):
+        """MSE of one clone term (Eq. 5), with the optional normalisation and sink skipping."""
+        s, t = s[:, self.clone_skip:], t[:, self.clone_skip:]
+        loss = mse(s, t)
+        return loss / t.float().square().mean().clamp(min=1e-12).detach() if self.clone_norm == "target" else loss
 
     # -- 5. the student as a plain model and its export ----------------------------------------
     @torch.no_grad()
@@ -266,7 +277,7 @@ def distill_losses(s_logits, t_logits, targets, temperature, kl_reduction="batch
     return kl, lm
 
 
-def check_args(teacher, d_student, clone_terms, kl_reduction, alignment, init):
+def check_args(teacher, d_student, clone_terms, kl_reduction, alignment, init, clone_norm="none"):
     if not isinstance(teacher, Transformer):
         raise TypeError(f"teacher must be a model.Transformer (load it with Transformer.from_pretrained), "
                         f"got {type(teacher).__name__}")
@@ -281,6 +292,7 @@ def check_args(teacher, d_student, clone_terms, kl_reduction, alignment, init):
     if bad:
         raise ValueError(f"unknown clone term(s) {bad}; choose from {list(CLONE_TERMS)}")
     for name, value, allowed in (("kl_reduction", kl_reduction, ("batchmean", "token")),
-                                 ("alignment", alignment, ("reuse", "explicit")), ("init", init, INITS)):
+                                 ("alignment", alignment, ("reuse", "explicit")), ("init", init, INITS),
+                                 ("clone_norm", clone_norm, ("none", "target"))):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from configurator import configure_or_exit
 from data import Batches, check_compatible, load_tokenizer
 from lrc import CLONE_TERMS, LowRankClone, distill_losses
-from model import Transformer
+from model import RMSNorm, Transformer
 
 DEFAULTS = dict(
     # I/O
@@ -47,6 +47,8 @@ DEFAULTS = dict(
     alpha=0.5,  # weight of the clone loss
     temperature=40.0,
     kl_reduction="batchmean",  # the official scaling; "token" = mean over tokens
+    clone_norm="none",  # "target": each clone term / its target's mean square (scale-free; not in the paper)
+    clone_skip=0,  # leave the first positions of every window (the attention sink) out of the clone loss
     # batch
     batch_size=8,  # sequences per micro-batch per process
     block_size=256,
@@ -60,6 +62,7 @@ DEFAULTS = dict(
     beta2=0.999,
     weight_decay=0.0,
     grad_clip=1.0,
+    norm_lr_mult=1.0,  # learning rate of RMSNorm weights = lr * norm_lr_mult
     max_steps=1000,
     max_minutes=0.0,  # > 0: stop (evaluate, save, export) after this wall time
     stop_at=0,  # > 0: save at this step and exit unexported, as a preemption would; --resume=True goes on
@@ -116,8 +119,18 @@ def build_model(cfg, device, dtype):
         with torch.device(device):
             return LowRankClone(teacher, cfg["d_student"], clone_terms=terms, alpha=cfg["alpha"],
                                 temperature=cfg["temperature"], kl_reduction=cfg["kl_reduction"],
-                                alignment=cfg["alignment"], init=cfg["init"], init_std=cfg["init_std"])
+                                alignment=cfg["alignment"], init=cfg["init"], init_std=cfg["init_std"],
+                                clone_norm=cfg["clone_norm"], clone_skip=cfg["clone_skip"])
     raise ValueError(f"unknown method {cfg['method']!r}; choose from ['lrc']")
+
+
+def make_optimizer(model, cfg):
+    """Adam over every trainable parameter; RMSNorm weights in a group of their own (lr * norm_lr_mult)."""
+    norms = {id(p) for m in model.modules() if isinstance(m, RMSNorm) for p in m.parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in norms], "lr_mult": 1.0},
+              {"params": [p for p in model.parameters() if id(p) in norms], "lr_mult": cfg["norm_lr_mult"]}]
+    return torch.optim.Adam(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
+                            weight_decay=cfg["weight_decay"])
 
 
 def lr_at(step, cfg):
@@ -219,8 +232,7 @@ def train(cfg):
     if tokenizer.vocab_size > model.teacher.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the teacher's embedding only "
                          f"{model.teacher.config.vocab_size} rows: tokenizer and weights do not belong together")
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
-                                 weight_decay=cfg["weight_decay"])
+    optimizer = make_optimizer(model, cfg)
     os.makedirs(cfg["out_dir"], exist_ok=True)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     step = 0
@@ -285,7 +297,7 @@ def train(cfg):
         # one optimizer step: grad_accum micro-batches, gradients synchronised on the last one only
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_mult"]
         parts_sum = {}
         for micro in range(cfg["grad_accum"]):
             x, y, *mask = batches.get_batch("train", step, micro)

@@ -193,7 +193,7 @@ out = sys.argv[1]
 ck = train.load_checkpoint(out)
 model = train.build_model(ck["config"], "cpu", "float32")
 model.load_state_dict(ck["model"])
-optimizer = torch.optim.Adam(model.parameters())
+optimizer = train.make_optimizer(model, ck["config"])
 optimizer.load_state_dict(ck["optimizer"])
 real_save = torch.save
 def stalled_save(obj, f):
