@@ -167,14 +167,17 @@ class LowRankClone(nn.Module):
     # -- 5. the student as a plain model and its export ----------------------------------------
     @torch.no_grad()
     def student(self, dtype=None) -> Transformer:
-        """Materialise the student as an ordinary model.Transformer (for evaluation, sampling, export)."""
-        emb = self.embedding()
-        sd = {"embed_tokens.weight": emb, "norm.weight": self.norm.weight}
-        for i in range(len(self.proj)):
-            sd.update({f"layers.{i}.{k}": v for k, v in self.layer_weights(i).items()})
-        if self.p_lm is not None:
-            sd["lm_head.weight"] = self.head(emb)
-        sd = {k: v.detach().to(dtype or v.dtype).clone() for k, v in sd.items()}
+        """Materialise the student as an ordinary model.Transformer (for evaluation, sampling, export).
+        A bf16 teacher is trained under bf16 autocast, so the weights are generated the same way here."""
+        t_dtype = self.teacher.embed_tokens.weight.dtype
+        with torch.autocast(self.p_emb.device.type, dtype=t_dtype, enabled=t_dtype != torch.float32):
+            emb = self.embedding()
+            sd = {"embed_tokens.weight": emb, "norm.weight": self.norm.weight}
+            for i in range(len(self.proj)):
+                sd.update({f"layers.{i}.{k}": v for k, v in self.layer_weights(i).items()})
+            if self.p_lm is not None:
+                sd["lm_head.weight"] = self.head(emb)
+        sd = {k: v.detach().to(dtype or t_dtype).clone() for k, v in sd.items()}
         with torch.device("meta"):
             model = Transformer(self.config)
         model.load_state_dict(sd, strict=False, assign=True)
@@ -211,13 +214,14 @@ def mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 HEAD_CHUNK_ELEMENTS = 1 << 24
 
 
-def distill_head(h_s, w_s, h_t, w_t, targets, temperature, kl_reduction="batchmean"):
-    """(L_KL + L_LM, L_KL, L_LM) of distill_losses from the final hidden states (B, T, d) and the two
-    heads (V, d), without ever materialising [tokens, V] logits of either model (see FusedDistillHead).
-    Only the sum carries a gradient; the parts are detached values for logging."""
+def distill_head(h_s, w_s, h_t, w_t, targets, temperature, kl_reduction="batchmean", weights=(1.0, 1.0)):
+    """(w_kl L_KL + w_lm L_LM, L_KL, L_LM) of distill_losses from the final hidden states (B, T, d) and the
+    two heads (V, d), without ever materialising [tokens, V] logits of either model (see FusedDistillHead).
+    Only the weighted sum carries a gradient; the parts are detached values for logging. weights=(w_kl, w_lm):
+    1, 1 in LRC (Eq. 7); VanillaKD mixes them (baselines.py)."""
     kl_div = h_s.shape[0] if kl_reduction == "batchmean" else targets.numel()
     return FusedDistillHead.apply(h_s.flatten(0, 1), w_s, h_t.flatten(0, 1), w_t, targets.flatten(),
-                                  temperature, kl_div)
+                                  temperature, kl_div, *weights)
 
 
 class FusedDistillHead(torch.autograd.Function):
@@ -227,7 +231,7 @@ class FusedDistillHead(torch.autograd.Function):
     softmax(z) - onehot) and backward only scales them. Exact: no approximation is involved."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, targets, temperature, kl_div):
+    def forward(ctx, h_s, w_s, h_t, w_t, targets, temperature, kl_div, w_kl, w_lm):
         N, V = targets.numel(), w_s.shape[0]
         valid = targets != -100
         n_valid = valid.sum().clamp(min=1)
@@ -241,27 +245,27 @@ class FusedDistillHead(torch.autograd.Function):
             # L_LM: cross-entropy; d/dz = softmax(z) - onehot, for valid targets, averaged over them
             lse = z.logsumexp(-1, keepdim=True)
             lm += ((lse[:, 0] - z.gather(1, tgt.clamp(min=0)[:, None])[:, 0]) * ok).sum()
-            g = (z - lse).exp_().mul_((ok / n_valid)[:, None])
-            g[torch.arange(len(tgt), device=g.device), tgt.clamp(min=0)] -= ok / n_valid
+            g = (z - lse).exp_().mul_((ok * w_lm / n_valid)[:, None])
+            g[torch.arange(len(tgt), device=g.device), tgt.clamp(min=0)] -= ok * w_lm / n_valid
             # L_KL: sum_v p_T (log p_T - log q_S) = sum_v p_T (t - z/T) - lse(t) + lse(z/T)
             zT = z.div_(temperature)
             lse_s, lse_t = zT.logsumexp(-1, keepdim=True), t.logsumexp(-1, keepdim=True)
             p_t = (t - lse_t).exp_()
             kl += (p_t * (t - zT)).sum() + (lse_s - lse_t).sum()
-            g += (zT - lse_s).exp_().sub_(p_t).div_(temperature * kl_div)
+            g += (zT - lse_s).exp_().sub_(p_t).mul_(w_kl / (temperature * kl_div))
             grad_h[i:i + chunk] = g.to(w_s.dtype) @ w_s
             grad_w += (g.T.to(hs.dtype) @ hs).float()
         lm, kl = lm / n_valid, kl / kl_div
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = h_s.dtype, w_s.dtype
         ctx.mark_non_differentiable(kl, lm)
-        return kl + lm, kl, lm
+        return w_kl * kl + w_lm * lm, kl, lm
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kl, _grad_lm):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h.mul(grad_loss).to(ctx.dtypes[0]), grad_w.mul(grad_loss).to(ctx.dtypes[1]),
-                None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def distill_losses(s_logits, t_logits, targets, temperature, kl_reduction="batchmean"):

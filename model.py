@@ -163,7 +163,12 @@ class Attention(nn.Module):
         rep = self.nh // self.nkv  # GQA: each kv head serves `rep` query heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hs)
         S = k.shape[2]
-        if T == 1 or S == T:  # one new token sees everything; a full prefill is plain causal
+        if acts is not None and "attn_probs" in acts:  # asked for (TinyBERT): the probabilities, written out
+            att = (q @ k.transpose(-2, -1)) * self.hs ** -0.5  # (B, nh, T, S)
+            causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            acts["attn_probs"] = att.float().masked_fill(~causal, float("-inf")).softmax(-1)  # (B, nh, T, S)
+            y = acts["attn_probs"].to(v.dtype) @ v  # (B, nh, T, hs)
+        elif T == 1 or S == T:  # one new token sees everything; a full prefill is plain causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:  # prefill after earlier tokens: query t sits at position start_pos + t
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
@@ -195,7 +200,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, start_pos=0, acts=None):
-        """acts: an optional dict the block fills with q, k, v, gate, up, attn_out and ffn_out."""
+        """acts: an optional dict the block fills with q, k, v, gate, up, attn_out and ffn_out; if it already
+        holds the key "attn_probs", attention is computed explicitly and its probabilities stored there."""
         attn_out = self.self_attn(self.input_layernorm(x), cos, sin, start_pos, acts)
         x = x + attn_out
         ffn_out = self.mlp(self.post_attention_layernorm(x), acts)
@@ -231,6 +237,15 @@ class Transformer(nn.Module):
     def forward(self, idx, targets=None, start_pos=0, acts=None):
         """idx (B, T) -> logits (B, T, V) and the mean next-token loss (ignore_index -100) when targets
         are given. acts: an optional list that receives one dict of block activations per layer."""
+        logits = self.lm_head(self.hidden(idx, start_pos, acts))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def hidden(self, idx, start_pos=0, acts=None):
+        """The final normalised hidden states (B, T, C): forward without the head, for losses that apply
+        the head chunk by chunk (lrc.distill_head) instead of building [B, T, V] logits."""
         x = self.embed_tokens(idx)  # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, start_pos, idx.shape[1])
         for layer in self.layers:
@@ -238,11 +253,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, start_pos, a)
             if a is not None:
                 acts.append(a)
-        logits = self.lm_head(self.norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        return logits, loss
+        return self.norm(x)
 
     # --- generation -----------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int):

@@ -232,3 +232,17 @@ def test_fused_head_equals_plain_losses(kl_reduction, monkeypatch):
     ref = torch.autograd.grad(2.5 * (ref_kl + ref_lm), (h_s, w_s))
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b)
+
+
+def test_bf16_teacher_student_materialises():
+    """A bf16 teacher (training under autocast) still gives a student outside autocast, in bf16 weights."""
+    teacher = tiny_teacher("llama_untied").to(torch.bfloat16)
+    lrc = LowRankClone(teacher, 24)
+    idx, tgt = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, parts = lrc(idx, tgt)
+    student = lrc.student()
+    assert student.embed_tokens.weight.dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, lm = student(idx, tgt)
+    torch.testing.assert_close(lm, parts["lm"], atol=0.05, rtol=0.01)

@@ -1,0 +1,158 @@
+"""
+Small-scale experiments on the CPU demo teacher (SmolLM2-135M-Instruct) and corpus (KJV), one run at a time:
+
+    python experiments.py baselines      # LRC, its ablations, vanilla KD, TinyBERT, LM-only at equal size and tokens
+    python experiments.py efficiency     # the paper's LRC recipe against the distillation-efficiency options
+    python experiments.py efficiency --tokens=200000 --only="paper,scale-free clone"
+
+Each run is `python train.py config/lrc_demo.py <overrides>` into out/experiments/<set>/<run>. The script then
+evaluates every exported student on the demo val split and on held-out text it never trained on (Debian's
+/usr/share/common-licenses), and writes results/<set>.md (a table) and results/<set>.png (val loss against
+tokens; needs matplotlib, an optional extra). Runs already finished are reused: delete their dir to redo one.
+"""
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import torch
+
+import demo
+from data import Batches, load_tokenizer, prepare
+from model import Transformer
+from train import evaluate
+
+# run name -> train.py overrides, on top of config/lrc_demo.py (the demo's own recipe)
+PAPER = ["--clone_norm=none", "--clone_skip=0", "--temperature=40.0", "--kl_reduction=batchmean", "--alpha=0.5",
+         "--norm_lr_mult=1.0"]
+SETS = {
+    "baselines": {
+        "LRC": [],
+        "LRC w/o FFN clone": ["config/ablation_no_ffn.py"],
+        "LRC w/o attention clone": ["config/ablation_no_attn.py"],
+        "LRC w/o clone": ["config/ablation_no_clone.py"],
+        "Vanilla KD": ["--method=kd"],
+        "TinyBERT": ["--method=tinybert"],
+        "LM only": ["--method=lm"],
+    },
+    "efficiency": {
+        "paper": PAPER,
+        "scale-free clone": ["--clone_norm=target", *PAPER[1:]],
+        "scale-free clone, KL T=1 per token": ["--clone_norm=target", "--clone_skip=0", "--temperature=1.0",
+                                               "--kl_reduction=token", "--alpha=0.5", "--norm_lr_mult=1.0"],
+        "+ skip sink position": ["--clone_norm=target", "--clone_skip=1", "--temperature=1.0",
+                                 "--kl_reduction=token", "--alpha=0.5", "--norm_lr_mult=1.0"],
+        "demo recipe": [],
+    },
+}
+
+
+def held_out_data(tokenizer):
+    """Debian's licence texts, tokenised with the teacher's tokenizer: text the students never saw."""
+    out = demo.cache_dir("data-licenses-" + tokenizer.fingerprint[:12])
+    if not os.path.isfile(os.path.join(out, "meta.json")):
+        files = sorted(f for f in glob.glob("/usr/share/common-licenses/*") if os.path.isfile(f))
+        if not files:
+            raise FileNotFoundError("/usr/share/common-licenses is empty: install Debian's base-files")
+        # every licence is a document; half go to val so that both splits exist (only val is used)
+        prepare(tokenizer, [{"path": f} for f in files], out, val_fraction=0.5, seed=0)
+    return out
+
+
+def run(name, overrides, out_dir, teacher, data_dir, tokens):
+    steps = tokens // (8 * 256)
+    args = [sys.executable, "train.py", "config/lrc_demo.py", f"--teacher={teacher}", f"--data_dir={data_dir}",
+            f"--out_dir={out_dir}", f"--max_steps={steps}", "--max_minutes=0", f"--eval_interval={max(1, steps // 8)}",
+            f"--ckpt_interval={steps}", *overrides]
+    if os.path.isdir(os.path.join(out_dir, "student")):
+        return
+    print(f"--- {name}: {' '.join(args[2:])}", flush=True)
+    t0 = time.time()
+    with open(out_dir + ".log", "w") as log:
+        subprocess.run(args, check=True, stdout=log, stderr=subprocess.STDOUT)
+    with open(os.path.join(out_dir, "wall_time"), "w") as f:
+        f.write(f"{time.time() - t0:.0f}")
+
+
+def summarise(name, out_dir, teacher, held_out):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    evals = [r for r in rows if "val_loss" in r]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    student = Transformer.from_pretrained(os.path.join(out_dir, "student"))
+    model = SimpleNamespace(student=lambda: student, teacher=teacher)
+    held = evaluate(model, held_out, 8, nullcontext())
+    with open(os.path.join(out_dir, "wall_time")) as f:
+        wall = float(f.read())
+    first, last = evals[0], evals[-1]
+    spikes = sum(b > 10 * sorted(losses[max(0, i - 10):i + 1])[len(losses[max(0, i - 10):i + 1]) // 2]
+                 for i, b in enumerate(losses))
+    return {"run": name, "tokens": last["tokens"], "wall_min": wall / 60, "val_loss_0": first["val_loss"],
+            "val_loss": last["val_loss"], "val_kl": last["val_kl"], "agreement": last["val_agreement"],
+            "teacher_val_loss": last["teacher_val_loss"], "held_loss": held["val_loss"], "held_kl": held["val_kl"],
+            "held_agreement": held["val_agreement"], "teacher_held_loss": held["teacher_val_loss"],
+            "loss_spikes": spikes, "curve": [(r["tokens"], r["val_loss"]) for r in evals]}
+
+
+def write_results(set_name, rows, command):
+    os.makedirs("results", exist_ok=True)
+    lines = [f"Regenerate: `{command}`", "",
+             "| run | tokens | wall (min) | val loss step 0 → end | KL | top-1 agreement | held-out loss | "
+             "held-out KL | held-out agreement | loss spikes >10× median |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['tokens']:,} | {r['wall_min']:.1f} | {r['val_loss_0']:.2f} → "
+                     f"{r['val_loss']:.2f} | {r['val_kl']:.2f} | {r['agreement']:.1%} | {r['held_loss']:.2f} | "
+                     f"{r['held_kl']:.2f} | {r['held_agreement']:.1%} | {r['loss_spikes']} |")
+    lines += ["", f"Teacher: val loss {rows[0]['teacher_val_loss']:.2f} (KJV), {rows[0]['teacher_held_loss']:.2f} "
+              "(held-out licence texts). KL is per token at T=1, teacher ‖ student."]
+    with open(f"results/{set_name}.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(f"results/{set_name}.json", "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n".join(lines))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.plot(*zip(*r["curve"]), marker="o", ms=3, label=r["run"])
+    ax.axhline(rows[0]["teacher_val_loss"], color="gray", ls="--", label="teacher")
+    ax.set(xlabel="training tokens", ylabel="val loss (KJV)", title=f"nanoLRC {set_name} (SmolLM2-135M teacher)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(f"results/{set_name}.png", dpi=110)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("set", choices=SETS)
+    p.add_argument("--tokens", type=int, default=150_000, help="training tokens per run (equal for all)")
+    p.add_argument("--only", default="", help="comma-separated run names (default: all of the set)")
+    args = p.parse_args()
+    teacher_dir = demo.convert_teacher()
+    tokenizer = load_tokenizer(teacher_dir)
+    data_dir = demo.prepare_corpus(tokenizer)
+    held_out = Batches(held_out_data(tokenizer), batch_size=8, block_size=256)
+    teacher = Transformer.from_pretrained(teacher_dir)
+    names = [n for n in SETS[args.set] if not args.only or n in args.only.split(",")]
+    rows = []
+    for name in names:
+        out_dir = os.path.join("out", "experiments", args.set, name.replace(" ", "_").replace("/", ""))
+        os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+        run(name, SETS[args.set][name], out_dir, teacher_dir, data_dir, args.tokens)
+        rows.append(summarise(name, out_dir, teacher, held_out))
+    write_results(args.set, rows, "python " + " ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    main()
