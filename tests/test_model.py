@@ -154,3 +154,32 @@ def test_missing_tensor_is_named(tmp_path):
     save_file(sd, f, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="layers.1.mlp.up_proj.weight"):
         Transformer.from_pretrained(path)
+
+
+# A page of ordinary English prose, written for this test (so no licence question arises). The converted
+# teacher (Q4_1-quantised SmolLM2-135M) scores perplexity 18.5 on it; a wrong q/k permutation gives ~450.
+PROSE = ("Water boils at one hundred degrees Celsius at sea level, but the temperature is lower at high altitude, "
+         "because the air pressure is lower. This is why cooking instructions sometimes change for people who live "
+         "in the mountains. Pasta, for example, may need a few more minutes to become soft. Bakers also adjust "
+         "their recipes, using a little less sugar or a little more flour so that cakes do not rise too quickly "
+         "and then collapse. Many people never notice these small differences until they travel, and then they "
+         "are surprised that a familiar dish does not turn out the way it does at home. Scientists have studied "
+         "the effect for a long time, and it is now well understood. The same principle explains why pressure "
+         "cookers work: by raising the pressure inside the pot, they raise the boiling point of water, so food "
+         "cooks faster.")
+
+
+@pytest.mark.asset
+def test_real_teacher_matches_transformers(smollm2_dir):
+    from data import load_tokenizer
+    tok = load_tokenizer(smollm2_dir)
+    idx = torch.tensor([tok.encode(PROSE)])
+    ours = Transformer.from_pretrained(smollm2_dir).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits, loss = ours(idx[:, :-1], idx[:, 1:])
+        assert_logits_close(logits, hf(idx[:, :-1]).logits)
+    assert loss.exp().item() < 20, loss.exp().item()  # perplexity of the converted teacher on the page above
+    prompt = torch.tensor([tok.encode("The capital of France is")])
+    out = tok.decode(torch.stack(list(ours.generate(prompt, 4)), 1)[0].tolist())
+    assert out.startswith(" Paris"), out
