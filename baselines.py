@@ -22,6 +22,7 @@ RMSNorm weights 1.
 import copy
 import dataclasses
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -58,6 +59,10 @@ class Student(nn.Module):
         model = copy.deepcopy(self.model).to(dtype)
         model.inv_freq = self.model.inv_freq.clone()
         return model
+
+    def accumulate(self):
+        """Gradient accumulation needs nothing special here (LRC generates its weights once per step)."""
+        return nullcontext()
 
     export = LowRankClone.export  # the same HF dir as LRC's: config.json, safetensors, the tokenizer files
 

@@ -19,11 +19,14 @@ import dataclasses
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.checkpoint import checkpoint
 
 from model import RMSNorm, Transformer, rope_cos_sin
 
@@ -45,7 +48,7 @@ class LowRankClone(nn.Module):
 
     def __init__(self, teacher: Transformer, d_student: int, clone_terms=CLONE_TERMS, alpha=0.5,
                  temperature=40.0, kl_reduction="batchmean", alignment="reuse", init="normal", init_std=0.02,
-                 clone_norm="none", clone_skip=0):
+                 clone_norm="none", clone_skip=0, checkpoint_layers=False):
         super().__init__()
         check_args(teacher, d_student, clone_terms, kl_reduction, alignment, init, clone_norm)
         tc = teacher.config
@@ -56,6 +59,8 @@ class LowRankClone(nn.Module):
         # its target's mean square, making the loss scale-free against the teacher's massive activations;
         # clone_skip leaves the first positions of each window (the attention sink) out of the clone loss.
         self.clone_norm, self.clone_skip = clone_norm, clone_skip
+        self.checkpoint_layers = checkpoint_layers  # activation checkpointing per (teacher, student) layer pair
+        self.weights = None  # the step's generated weights inside accumulate()
         # Same depth, heads, head_dim, FFN width, vocabulary and RoPE; only the residual width shrinks.
         self.config = dataclasses.replace(tc, hidden_size=d_student)
         with torch.device("meta"):  # the student's architecture only; its weights are generated (Eq. 1)
@@ -120,32 +125,62 @@ class LowRankClone(nn.Module):
     def head(self, emb: torch.Tensor) -> torch.Tensor:
         return emb if self.p_lm is None else self.teacher.lm_head.weight @ self.p_lm  # [V, d_S]
 
+    def generate(self) -> dict:
+        """Every student weight of a step, generated from the teacher's (Eq. 1-3)."""
+        emb = self.embedding()
+        return {"emb": emb, "head": self.head(emb), "layers": [self.layer_weights(i) for i in range(len(self.proj))]}
+
+    @contextmanager
+    def accumulate(self):
+        """One projection pass per optimizer step. Inside, every forward uses the same generated student
+        weights, as leaves where backward stops; on exit their accumulated gradients flow into the
+        projections once, instead of once per micro-batch. Exact, not an approximation: W_S is linear in
+        P, so sum_m dL_m/dP = J^T (sum_m dL_m/dW_S)."""
+        flat, spec = tree_flatten(self.generate())
+        leaves = [w.detach().requires_grad_(w.requires_grad) for w in flat]
+        self.weights = tree_unflatten(leaves, spec)
+        try:
+            yield
+        finally:
+            self.weights = None
+        done = [(w, leaf.grad) for w, leaf in zip(flat, leaves) if leaf.grad is not None]
+        torch.autograd.backward([w for w, _ in done], [g for _, g in done])
+
     # -- 2.-4. interleaved forward and the losses -----------------------------------------------
     def forward(self, idx, targets):
         """Returns (loss, parts). Teacher and student advance one layer at a time, and each teacher
         layer's activations become clone-loss terms at once, so only one layer's are ever alive."""
         teacher, B, T = self.teacher, *idx.shape
+        w = self.weights if self.weights is not None else self.generate()
         cos, sin = rope_cos_sin(teacher.inv_freq, 0, T)
-        emb = self.embedding()
         with torch.no_grad():
             h_t = teacher.embed_tokens(idx)  # (B, T, d_T)
-        h_s = F.embedding(idx, emb)  # (B, T, d_S)
-        clone = {term: h_s.new_zeros((), dtype=torch.float32) for term in self.clone_terms}
-        for i, t_layer in enumerate(teacher.layers):
-            t_acts, s_acts = {}, {}
-            with torch.no_grad():
-                h_t = t_layer(h_t, cos, sin, 0, t_acts)
-            h_s = functional_call(self.skeleton.layers[i], self.layer_weights(i), (h_s, cos, sin, 0, s_acts))
-            for term in self.clone_terms:
-                clone[term] = clone[term] + self.clone_mse(s_acts[term], self.clone_target(i, term, t_acts))
+        h_s = F.embedding(idx, w["emb"])  # (B, T, d_S)
+        clone = h_s.new_zeros(len(self.clone_terms), dtype=torch.float32)
+        for i in range(len(teacher.layers)):
+            args = (i, h_t, h_s, cos, sin, w["layers"][i])
+            if self.checkpoint_layers and torch.is_grad_enabled():  # keep only the pair's inputs; recompute in backward
+                h_t, h_s, terms = checkpoint(self.layer_pair, *args, use_reentrant=False)
+            else:
+                h_t, h_s, terms = self.layer_pair(*args)
+            clone = clone + terms
         with torch.no_grad():
             h_t = teacher.norm(h_t)
-        kl_lm, kl, lm = distill_head(self.norm(h_s), self.head(emb), h_t, teacher.lm_head.weight, targets,
+        kl_lm, kl, lm = distill_head(self.norm(h_s), w["head"], h_t, teacher.lm_head.weight, targets,
                                      self.temperature, self.kl_reduction)
-        clone_total = sum(clone.values(), h_s.new_zeros((), dtype=torch.float32))
-        loss = kl_lm + self.alpha * clone_total  # Eq. 7: L_KL + L_LM + alpha * L_clone
-        parts = {"kl": kl, "lm": lm, "clone": clone_total, **{f"clone/{k}": v for k, v in clone.items()}}
+        loss = kl_lm + self.alpha * clone.sum()  # Eq. 7: L_KL + L_LM + alpha * L_clone
+        parts = {"kl": kl, "lm": lm, "clone": clone.sum(), **{f"clone/{k}": v for k, v in zip(self.clone_terms, clone)}}
         return loss, {k: v.detach() for k, v in parts.items()}
+
+    def layer_pair(self, i, h_t, h_s, cos, sin, weights):
+        """Teacher layer i (no autograd) and student layer i (the same model.Block code, generated weights),
+        and the clone terms of the layer (Eq. 5) as a vector."""
+        t_acts, s_acts = {}, {}
+        with torch.no_grad():
+            h_t = self.teacher.layers[i](h_t, cos, sin, 0, t_acts)
+        h_s = functional_call(self.skeleton.layers[i], weights, (h_s, cos, sin, 0, s_acts))
+        terms = [self.clone_mse(s_acts[t], self.clone_target(i, t, t_acts)) for t in self.clone_terms]
+        return h_t, h_s, torch.stack(terms) if terms else h_s.new_zeros(0, dtype=torch.float32)
 
     def clone_target(self, i: int, term: str, t_acts: dict) -> torch.Tensor:
         """q, k, v, gate, up have the teacher's width in both models: compared directly (Eq. 5).
@@ -171,12 +206,10 @@ class LowRankClone(nn.Module):
         A bf16 teacher is trained under bf16 autocast, so the weights are generated the same way here."""
         t_dtype = self.teacher.embed_tokens.weight.dtype
         with torch.autocast(self.p_emb.device.type, dtype=t_dtype, enabled=t_dtype != torch.float32):
-            emb = self.embedding()
-            sd = {"embed_tokens.weight": emb, "norm.weight": self.norm.weight}
-            for i in range(len(self.proj)):
-                sd.update({f"layers.{i}.{k}": v for k, v in self.layer_weights(i).items()})
-            if self.p_lm is not None:
-                sd["lm_head.weight"] = self.head(emb)
+            w = self.generate()
+        sd = {"embed_tokens.weight": w["emb"], "norm.weight": self.norm.weight, "lm_head.weight": w["head"]}
+        for i, layer in enumerate(w["layers"]):
+            sd.update({f"layers.{i}.{k}": v for k, v in layer.items()})
         sd = {k: v.detach().to(dtype or t_dtype).clone() for k, v in sd.items()}
         with torch.device("meta"):
             model = Transformer(self.config)

@@ -3,7 +3,7 @@ Train a student from a frozen teacher: Low-Rank Clone (default), one loop for ev
 
     python train.py config/lrc_demo.py                          # one process (CPU or one GPU)
     python train.py config/lrc_demo.py --resume=True             # continue from out_dir/ckpt.pt
-    torchrun --nproc_per_node=8 train.py config/lrc_qwen.py      # DDP on one node
+    torchrun --nproc_per_node=8 train.py config/lrc_qwen.py      # data parallel on one node
     # two nodes: run on each, with --node_rank=0 / 1
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
         train.py config/lrc_qwen.py
@@ -25,7 +25,6 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from baselines import LMOnly, TinyBERT, VanillaKD, student_config
@@ -85,6 +84,7 @@ DEFAULTS = dict(
     device="auto",  # auto: cuda if available, else cpu
     dtype="auto",  # auto: bfloat16 on cuda, float32 on cpu; bfloat16 = autocast with fp32 master weights
     compile=False,
+    checkpoint=False,  # LRC: activation checkpointing per (teacher, student) layer pair: less memory, more compute
     seed=1337,
 )
 
@@ -160,7 +160,18 @@ def build_model(cfg, device, dtype):
             return LowRankClone(teacher, cfg["d_student"], clone_terms=terms, alpha=cfg["alpha"],
                                 temperature=cfg["temperature"], kl_reduction=cfg["kl_reduction"],
                                 alignment=cfg["alignment"], init=cfg["init"], init_std=cfg["init_std"],
-                                clone_norm=cfg["clone_norm"], clone_skip=cfg["clone_skip"])
+                                clone_norm=cfg["clone_norm"], clone_skip=cfg["clone_skip"],
+                                checkpoint_layers=cfg["checkpoint"])
+
+
+def all_reduce_mean(tensors, world):
+    """Average tensors over ranks in place, as one flat buffer (one collective per step). Plain all-reduce
+    rather than DDP: with one projection pass per step the gradients only exist at the end of it anyway."""
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world
+    for t, v in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(v.view_as(t))
 
 
 def make_optimizer(model, cfg):
@@ -309,8 +320,9 @@ def train(cfg):
         step = ckpt["step"]
         log(f"resumed from {ckpt_path} at step {step}" + (f"; changed: {changed}" if changed else ""))
     raw = model
-    if world > 1:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    if world > 1:  # every rank starts from rank 0's parameters (they are equal already: same seed)
+        for p in model.parameters():
+            dist.broadcast(p.data, 0)
     fwd = torch.compile(model) if cfg["compile"] else model
 
     tokens_per_step = cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum"] * world
@@ -352,23 +364,23 @@ def train(cfg):
         if last or stop:
             break
 
-        # one optimizer step: grad_accum micro-batches, gradients synchronised on the last one only
+        # one optimizer step: grad_accum micro-batches; LRC generates the student's weights once for all of
+        # them (accumulate), so gradients reach the projections, and are averaged over ranks, once per step
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         parts_sum = {}
-        for micro in range(cfg["grad_accum"]):
-            x, y = xy(batches.get_batch("train", step, micro))  # SFT: targets -100 outside the loss mask
-            sync = world == 1 or micro == cfg["grad_accum"] - 1
-            with (nullcontext() if sync else model.no_sync()), autocast:
+        with autocast, raw.accumulate():
+            for micro in range(cfg["grad_accum"]):
+                x, y = xy(batches.get_batch("train", step, micro))  # SFT: targets -100 outside the loss mask
                 loss, parts = fwd(x, y)
-            (loss / cfg["grad_accum"]).backward()
-            for k, v in {"loss": loss.detach(), **parts}.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v.float() / cfg["grad_accum"]
-        if world > 1:  # mean over ranks: the log shows the global batch, and every rank sees a NaN and stops
-            parts = torch.stack(list(parts_sum.values()))
-            dist.all_reduce(parts)
-            parts_sum = dict(zip(parts_sum, parts / world))
+                (loss / cfg["grad_accum"]).backward()
+                for k, v in {"loss": loss.detach(), **parts}.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v.float() / cfg["grad_accum"]
+        if world > 1:  # mean over ranks of the gradients and the losses (the log shows the global batch,
+            parts = torch.stack(list(parts_sum.values()))  # and a NaN on any rank stops every rank)
+            all_reduce_mean([p.grad for p in raw.parameters() if p.grad is not None] + [parts], world)
+            parts_sum = dict(zip(parts_sum, parts))
         if not all(torch.isfinite(v) for v in parts_sum.values()):
             bad = {k: v.item() for k, v in parts_sum.items() if not torch.isfinite(v)}
             raise FloatingPointError(f"step {step}: non-finite loss {bad}; stopped without saving, the last "
