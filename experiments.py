@@ -43,10 +43,12 @@ SETS = {
     "efficiency": {
         "paper": PAPER,
         "scale-free clone": ["--clone_norm=target", *PAPER[1:]],
-        "scale-free clone, KL T=1 per token": ["--clone_norm=target", "--clone_skip=0", "--temperature=1.0",
+        "scale-free clone + KL T=1 per token": ["--clone_norm=target", "--clone_skip=0", "--temperature=1.0",
                                                "--kl_reduction=token", "--alpha=0.5", "--norm_lr_mult=1.0"],
         "+ skip sink position": ["--clone_norm=target", "--clone_skip=1", "--temperature=1.0",
                                  "--kl_reduction=token", "--alpha=0.5", "--norm_lr_mult=1.0"],
+        "+ lr 3e-3": ["--clone_norm=target", "--clone_skip=0", "--temperature=1.0", "--kl_reduction=token",
+                      "--alpha=0.5", "--norm_lr_mult=1.0", "--lr=3e-3"],
         "demo recipe": [],
     },
 }
@@ -59,8 +61,11 @@ def held_out_data(tokenizer):
         files = sorted(f for f in glob.glob("/usr/share/common-licenses/*") if os.path.isfile(f))
         if not files:
             raise FileNotFoundError("/usr/share/common-licenses is empty: install Debian's base-files")
-        # every licence is a document; half go to val so that both splits exist (only val is used)
-        prepare(tokenizer, [{"path": f} for f in files], out, val_fraction=0.5, seed=0)
+        os.makedirs(out, exist_ok=True)
+        text_path = os.path.join(out, "licenses.txt")  # paragraphs become documents; half go to val (used)
+        with open(text_path, "w", encoding="utf-8") as f:
+            f.write("\n\n".join(open(p, encoding="utf-8", errors="replace").read() for p in files))
+        prepare(tokenizer, [{"path": text_path}], out, val_fraction=0.5, seed=0)
     return out
 
 

@@ -37,14 +37,14 @@ DEFAULTS = dict(
     # I/O
     teacher="",  # HF dir of the teacher (config.json, safetensors, tokenizer.json)
     data_dir="",  # prepared by data.py with the teacher's tokenizer
-    out_dir="out/lrc",
+    out_dir="out/lrc",  # ckpt.pt, metrics.jsonl and the exported student/ go here
     resume=False,  # continue from out_dir/ckpt.pt
     # method: LRC (paper Sec. 4)
     method="lrc",  # lrc | kd | tinybert | lm | sft (the last four: baselines.py)
-    d_student=256,
+    d_student=256,  # the student's residual width (LRC; also the baselines' default hidden size)
     clone_terms=",".join(CLONE_TERMS),  # ablations: drop terms, e.g. "q,k,v,attn_out" (w/o FFN)
     alignment="reuse",  # "explicit": separate alignment matrices (ablation)
-    init="normal",
+    init="normal",  # projections: "normal" N(0, init_std) as in the paper, or "identity" (first d_S coordinates)
     init_std=0.02,  # std of LRC's projections (init "normal") and of every from-scratch weight (kd, tinybert, lm)
     alpha=0.5,  # weight of the clone loss
     temperature=40.0,  # of the KL (lrc, kd, tinybert)
@@ -59,33 +59,33 @@ DEFAULTS = dict(
     tinybert_attn=1.0,  # tinybert: weight of the attention-map MSE
     # batch
     batch_size=8,  # sequences per micro-batch per process
-    block_size=256,
+    block_size=256,  # tokens per sequence
     grad_accum=1,  # micro-batches per optimizer step per process
     # optimizer: Adam, warmup then decay (paper: linear)
-    lr=6.7e-5,
-    min_lr=0.0,
-    warmup_ratio=0.005,
+    lr=6.7e-5,  # peak learning rate
+    min_lr=0.0,  # learning rate at the end of the decay
+    warmup_ratio=0.005,  # linear warmup over this fraction of max_steps
     decay="linear",  # or "cosine"
-    beta1=0.9,
+    beta1=0.9,  # Adam betas
     beta2=0.999,
-    weight_decay=0.0,
-    grad_clip=1.0,
+    weight_decay=0.0,  # Adam's (L2) weight decay; the paper uses none
+    grad_clip=1.0,  # clip the global gradient norm (0: off)
     norm_lr_mult=1.0,  # learning rate of RMSNorm weights = lr * norm_lr_mult
-    max_steps=1000,
+    max_steps=1000,  # optimizer steps (the lr schedule spans them)
     max_minutes=0.0,  # > 0: stop (evaluate, save, export) after this wall time
     stop_at=0,  # > 0: save at this step and exit unexported, as a preemption would; --resume=True goes on
     # evaluation, logging, checkpoints
-    eval_interval=200,
-    eval_batches=8,
-    log_interval=10,
-    ckpt_interval=200,
-    export_dtype="float32",
+    eval_interval=200,  # steps between evaluations on the val split (and at the end)
+    eval_batches=8,  # val batches per evaluation (fixed windows, the same every time)
+    log_interval=10,  # steps between log lines / metrics rows
+    ckpt_interval=200,  # steps between checkpoints (and at the end)
+    export_dtype="float32",  # dtype of the exported student
     # system
     device="auto",  # auto: cuda if available, else cpu
     dtype="auto",  # auto: bfloat16 on cuda, float32 on cpu; bfloat16 = autocast with fp32 master weights
-    compile=False,
+    compile=False,  # torch.compile the training forward (minutes to compile on CPU, then ~2x faster)
     checkpoint=False,  # LRC: activation checkpointing per (teacher, student) layer pair: less memory, more compute
-    seed=1337,
+    seed=1337,  # initialisation and data order
 )
 
 
@@ -385,7 +385,7 @@ def train(cfg):
             bad = {k: v.item() for k, v in parts_sum.items() if not torch.isfinite(v)}
             raise FloatingPointError(f"step {step}: non-finite loss {bad}; stopped without saving, the last "
                                      f"good checkpoint ({ckpt_path}) is untouched: resume with a lower lr")
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

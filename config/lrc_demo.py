@@ -9,6 +9,7 @@ lr = 1e-3
 warmup_ratio = 0.02
 max_steps = 1000
 max_minutes = 12.0
+dtype = "bfloat16"  # autocast with fp32 master weights: ~2x the fp32 speed on CPUs with AMX-bf16
 eval_interval = 25
 eval_batches = 4
 log_interval = 5
