@@ -10,11 +10,12 @@ model  forward tokens/s (batch_size x block_size, no grad) and greedy generation
        transformers.AutoModelForCausalLM (a test extra, imported here only) on the same HF dir (default: the demo
        teacher), run alternately, median of iters after warmup; plus their logits' max |diff| and greedy agreement.
 step   one training step of a train.py config (default config/lrc_demo.py and the demo teacher) on random tokens
-       (batch_size x block_size; one micro-batch, grad_accum is not used): forward, backward, optimizer (clip +
+       (grad_accum micro-batches of batch_size x block_size): forward, backward, optimizer (clip +
        Adam); timed alone, the teacher forward (no grad) and the loss head (lrc.distill_head, forward + backward,
        on random hidden states of the step's shape); the student forward is then about forward - teacher - head.
        tokens/s, MFU (train.flops_per_token against train.peak_flops, or --peak_tflops), peak memory.
-       --variants: one row each, '+'-joined parts of fp32 | bf16 | compile | eager on top of the config.
+       --variants: one row each, '+'-joined parts of fp32 | bf16 | compile | eager | ckpt (activation checkpointing)
+       | permicro (LRC weights generated per micro-batch instead of once per step) on top of the config.
 head   the loss stage alone, plain (full logits h @ W.T, lrc.distill_losses, backward) vs fused (lrc.distill_head,
        backward): time and peak memory above the inputs, and the two's max |diff| in losses and gradients.
 Peak memory is torch.cuda.max_memory_allocated on CUDA and the process's peak RSS on CPU (VmHWM, or ru_maxrss
@@ -43,11 +44,12 @@ from model import Transformer
 
 MODEL_OPTS = dict(teacher="", device="auto", dtype="float32", batch_size=8, block_size=256, prompt_len=16,
                   new_tokens=64, warmup=2, iters=5)
-STEP_OPTS = dict(variants="", peak_tflops=0.0, warmup=1, iters=3)  # beside every key of train.DEFAULTS
+# beside every key of train.DEFAULTS; one_pass=False generates LRC's weights per micro-batch (the baseline)
+STEP_OPTS = dict(variants="", peak_tflops=0.0, warmup=1, iters=3, one_pass=True)
 HEAD_OPTS = dict(vocab=151936, tokens=2048, d=1200, d_teacher=2048, temperature=40.0, device="auto",
                  dtype="float32", warmup=0, iters=2, seed=0)
 VARIANTS = {"fp32": ("dtype", "float32"), "bf16": ("dtype", "bfloat16"), "compile": ("compile", True),
-            "eager": ("compile", False)}
+            "eager": ("compile", False), "ckpt": ("checkpoint", True), "permicro": ("one_pass", False)}
 HEAD_RTOL = {"float32": 1e-3, "bfloat16": 5e-2}  # max |fused - plain| / max |plain| allowed per quantity
 
 
@@ -180,15 +182,24 @@ def step_variant(cfg):
     fwd = torch.compile(model) if cfg["compile"] else model
     autocast = autocast_for(device, dtype)
     B, T, V = cfg["batch_size"], cfg["block_size"], model.config.vocab_size
-    x, y = torch.randint(V, (2, B, T), device=device)
+    xs = torch.randint(V, (cfg["grad_accum"], 2, B, T), device=device)  # micro-batches of (x, y)
+    x, y = xs[0]
     teacher = model.teacher
     if teacher is None:
         raise ValueError(f"bench.py step times distillation: method {cfg['method']!r} has no teacher")
 
     def step():
+        """grad_accum micro-batches as train.py runs them. With one_pass, generating the step's weights
+        counts as forward and the one pass of their gradients into the projections as backward."""
+        ctx = model.accumulate() if cfg["one_pass"] else nullcontext()
         with autocast:
-            (loss, _), t_fwd = timed(device, lambda: fwd(x, y))
-        _, t_bwd = timed(device, loss.backward)
+            _, t_fwd = timed(device, ctx.__enter__)
+            t_bwd = 0.0
+            for mx, my in xs:
+                (loss, _), t = timed(device, lambda: fwd(mx, my))
+                t_fwd += t
+                t_bwd += timed(device, (loss / len(xs)).backward)[1]
+            t_bwd += timed(device, lambda: ctx.__exit__(None, None, None))[1]
         _, t_opt = timed(device, lambda: (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"]),
                                           optimizer.step(), optimizer.zero_grad(set_to_none=True)))
         return {"forward": t_fwd, "backward": t_bwd, "optimizer": t_opt}
@@ -212,7 +223,7 @@ def step_variant(cfg):
     times += [parts() for _ in range(cfg["warmup"] + cfg["iters"])][cfg["warmup"]:]
     out = {k: median(t[k] for t in times if k in t) for k in ("forward", "backward", "optimizer", "teacher", "head")}
     fpt, fpt_ctx = train.flops_per_token(model)
-    return {**out, "peak": peak, "above_model": peak - base, "flops": B * T * (fpt + fpt_ctx * T / 2),
+    return {**out, "peak": peak, "above_model": peak - base, "flops": len(xs) * B * T * (fpt + fpt_ctx * T / 2),
             "system": system(device), "dtype": dtype}
 
 
@@ -226,9 +237,9 @@ def bench_step(argv):
     except ConfigError as e:
         sys.exit(f"error: {e}")
     teacher = cfg["teacher"] or demo.convert_teacher()
-    tokens = cfg["batch_size"] * cfg["block_size"]
+    tokens = cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum"]
     print(f"step {cfg['method']} | teacher {teacher} | d_student {cfg['d_student']} | "
-          f"{cfg['batch_size']}x{cfg['block_size']} tokens")
+          f"{cfg['grad_accum']} x {cfg['batch_size']}x{cfg['block_size']} tokens")
     rows, first = [], None
     for name, v in zip(names, variants):
         r = in_fresh_process(step_variant, {**v, "teacher": teacher})
