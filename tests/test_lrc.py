@@ -280,3 +280,23 @@ def test_activation_checkpointing_is_exact():
     torch.testing.assert_close(a, b)
     for g, h in zip(torch.autograd.grad(a, list(plain.parameters())), torch.autograd.grad(b, list(ckpt.parameters()))):
         torch.testing.assert_close(g, h)
+
+
+def test_scale_free_clone_and_sink_skip():
+    """clone_norm='target': each term is MSE / mean square of its target; clone_skip=1: position 0 left out."""
+    from model import rope_cos_sin
+    teacher = tiny_teacher("llama_untied")
+    lrc = LowRankClone(teacher, 20, clone_norm="target", clone_skip=1)
+    idx, _ = batch()
+    cos, sin = rope_cos_sin(teacher.inv_freq, 0, idx.shape[1])
+    with torch.no_grad():
+        h_t, h_s, w = teacher.embed_tokens(idx), F.embedding(idx, lrc.embedding()), lrc.layer_weights(0)
+        _, _, terms = lrc.layer_pair(0, h_t, h_s, cos, sin, w)
+        t_acts, s_acts = {}, {}
+        teacher.layers[0](h_t, cos, sin, 0, t_acts)
+        functional_call(lrc.skeleton.layers[0], w, (h_s, cos, sin, 0, s_acts))
+    for j, term in enumerate(CLONE_TERMS):
+        t, s = lrc.clone_target(0, term, t_acts)[:, 1:], s_acts[term][:, 1:]
+        torch.testing.assert_close(terms[j], F.mse_loss(s, t) / t.square().mean())
+    with pytest.raises(ValueError, match="clone_norm"):
+        LowRankClone(teacher, 20, clone_norm="robust")
