@@ -73,7 +73,7 @@ def run(name, overrides, out_dir, teacher, data_dir, tokens):
     steps = tokens // (8 * 256)
     args = [sys.executable, "train.py", "config/lrc_demo.py", f"--teacher={teacher}", f"--data_dir={data_dir}",
             f"--out_dir={out_dir}", f"--max_steps={steps}", "--max_minutes=0", f"--eval_interval={max(1, steps // 8)}",
-            f"--ckpt_interval={steps}", *overrides]
+            f"--ckpt_interval={steps}", "--compile=False", "--warmup_ratio=0.02", *overrides]  # eager: no compile time
     if os.path.isdir(os.path.join(out_dir, "student")):
         return
     print(f"--- {name}: {' '.join(args[2:])}", flush=True)
