@@ -14,6 +14,7 @@ import argparse
 import glob
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -71,9 +72,11 @@ def held_out_data(tokenizer):
 
 def run(name, overrides, out_dir, teacher, data_dir, tokens):
     steps = tokens // (8 * 256)
-    args = [sys.executable, "train.py", "config/lrc_demo.py", f"--teacher={teacher}", f"--data_dir={data_dir}",
-            f"--out_dir={out_dir}", f"--max_steps={steps}", "--max_minutes=0", f"--eval_interval={max(1, steps // 8)}",
-            f"--ckpt_interval={steps}", "--compile=False", "--warmup_ratio=0.02", *overrides]  # eager: no compile time
+    files = [o for o in overrides if o.endswith(".py")]  # config files first: the flags below must win
+    args = [sys.executable, "train.py", "config/lrc_demo.py", *files, f"--teacher={teacher}",
+            f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--max_steps={steps}", "--max_minutes=0",
+            f"--eval_interval={max(1, steps // 5)}", f"--ckpt_interval={steps}", "--compile=False",
+            "--warmup_ratio=0.02", *(o for o in overrides if not o.endswith(".py"))]  # eager: no compile time
     if os.path.isdir(os.path.join(out_dir, "student")):
         return
     print(f"--- {name}: {' '.join(args[2:])}", flush=True)
@@ -91,15 +94,17 @@ def summarise(name, out_dir, teacher, held_out):
     losses = [r["loss"] for r in rows if "loss" in r]
     student = Transformer.from_pretrained(os.path.join(out_dir, "student"))
     model = SimpleNamespace(student=lambda: student, teacher=teacher)
-    held = evaluate(model, held_out, 8, nullcontext())
+    held = evaluate(model, held_out, 4, nullcontext())
     with open(os.path.join(out_dir, "wall_time")) as f:
         wall = float(f.read())
     first, last = evals[0], evals[-1]
     spikes = sum(b > 10 * sorted(losses[max(0, i - 10):i + 1])[len(losses[max(0, i - 10):i + 1]) // 2]
                  for i, b in enumerate(losses))
     return {"run": name, "tokens": last["tokens"], "wall_min": wall / 60, "val_loss_0": first["val_loss"],
-            "val_loss": last["val_loss"], "val_kl": last["val_kl"], "agreement": last["val_agreement"],
-            "teacher_val_loss": last["teacher_val_loss"], "held_loss": held["val_loss"], "held_kl": held["val_kl"],
+            "val_loss": last["val_loss"], "val_kl": last.get("val_kl", float("nan")),
+            "agreement": last.get("val_agreement", float("nan")),
+            "teacher_val_loss": last.get("teacher_val_loss", float("nan")), "held_loss": held["val_loss"],
+            "held_kl": held["val_kl"],
             "held_agreement": held["val_agreement"], "teacher_held_loss": held["teacher_val_loss"],
             "loss_spikes": spikes, "curve": [(r["tokens"], r["val_loss"]) for r in evals]}
 
@@ -156,7 +161,7 @@ def main():
         os.makedirs(os.path.dirname(out_dir), exist_ok=True)
         run(name, SETS[args.set][name], out_dir, teacher_dir, data_dir, args.tokens)
         rows.append(summarise(name, out_dir, teacher, held_out))
-    write_results(args.set, rows, "python " + " ".join(sys.argv))
+    write_results(args.set, rows, "python " + shlex.join(sys.argv))
 
 
 if __name__ == "__main__":
