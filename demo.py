@@ -222,7 +222,8 @@ def report(cfg, model, t0):
           f"{last['step']} ({1 - last['val_loss'] / first['val_loss']:.0%} lower); teacher {last['teacher_val_loss']:.3f}")
     print(f"top-1 agreement with the teacher: {first['val_agreement']:.1%} -> {last['val_agreement']:.1%}; "
           f"KL(teacher||student) per token {first['val_kl']:.3f} -> {last['val_kl']:.3f}")
-    print(f"tokens seen: {last['tokens']:,}; training speed {sum(speeds) / max(1, len(speeds)):,.0f} tokens/s; "
+    print(f"tokens seen: {last['tokens']:,}; training speed "
+          f"{f'{sum(speeds) / len(speeds):,.0f} tokens/s' if speeds else 'n/a (no full log interval)'}; "
           f"wall time {(time.time() - t0) / 60:.1f} min")
     print(f"prompt: {prompt!r}")
     print(f"  teacher: {complete(model.teacher, tokenizer, prompt)!r}")
