@@ -222,8 +222,7 @@ def step_variant(cfg):
     peak = mem_peak(device)  # before the parts timed alone: their tensors are not the step's
     times += [parts() for _ in range(cfg["warmup"] + cfg["iters"])][cfg["warmup"]:]
     out = {k: median(t[k] for t in times if k in t) for k in ("forward", "backward", "optimizer", "teacher", "head")}
-    fpt, fpt_ctx = train.flops_per_token(model)
-    return {**out, "peak": peak, "above_model": peak - base, "flops": len(xs) * B * T * (fpt + fpt_ctx * T / 2),
+    return {**out, "peak": peak, "above_model": peak - base, "flops": len(xs) * B * T * train.flops_per_token(model, T),
             "system": system(device), "dtype": dtype}
 
 

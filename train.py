@@ -193,10 +193,10 @@ def lr_at(step, cfg):
     return cfg["min_lr"] + (cfg["lr"] - cfg["min_lr"]) * shape
 
 
-def flops_per_token(model):
+def flops_per_token(model, block_size):
     """Training FLOPs per token, the teacher's forward included: 6 N for the student (forward + backward),
-    2 N for the teacher, plus attention scores; LRC's per-step weight generation is left out (it is not
-    per token, and small once the batch is large)."""
+    2 N for the teacher, plus attention scores over a causal context of block_size / 2 on average; LRC's
+    per-step weight generation is left out (it is not per token, and small once the batch is large)."""
     def dense(cfg):
         L, C, hd = cfg.num_hidden_layers, cfg.hidden_size, cfg.head_dim
         attn = C * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
@@ -204,8 +204,8 @@ def flops_per_token(model):
     s, t = model.config, model.teacher
     attn_scores = 2 * s.num_hidden_layers * s.num_attention_heads * s.head_dim  # per token per context position
     if t is None:  # lm, sft
-        return 6 * dense(s), attn_scores * 6
-    return 6 * dense(s) + 2 * dense(t.config), attn_scores * (6 + 2)
+        return 6 * (dense(s) + attn_scores * block_size / 2)
+    return 6 * dense(s) + 2 * dense(t.config) + (6 + 2) * attn_scores * block_size / 2
 
 
 # -----------------------------------------------------------------------------
@@ -326,8 +326,7 @@ def train(cfg):
     fwd = torch.compile(model) if cfg["compile"] else model
 
     tokens_per_step = cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum"] * world
-    fpt, fpt_ctx = flops_per_token(raw)
-    flops_per_step = tokens_per_step * (fpt + fpt_ctx * cfg["block_size"] / 2)
+    flops_per_step = tokens_per_step * flops_per_token(raw, cfg["block_size"])
     log(f"nanoLRC | python {platform.python_version()} torch {torch.__version__} | {device} {dtype} "
         f"x{world} | {sum(p.numel() for p in raw.parameters()):,} trainable parameters")
     log("config: " + json.dumps(cfg))
