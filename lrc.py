@@ -38,7 +38,7 @@ OUTPUT_SIDE = {"o": "self_attn.o_proj", "down": "mlp.down_proj"}
 # Clone terms (Eq. 5): the five linear outputs compared directly, the two layer outputs through P.
 CLONE_TERMS = ("q", "k", "v", "gate", "up", "attn_out", "ffn_out")
 OUTPUT_TERMS = {"attn_out": "o", "ffn_out": "down"}  # which projection maps the teacher's output down
-INITS = ("normal", "identity")
+INITS = ("normal", "identity", "pca")
 
 
 class LowRankClone(nn.Module):
@@ -48,7 +48,7 @@ class LowRankClone(nn.Module):
 
     def __init__(self, teacher: Transformer, d_student: int, clone_terms=CLONE_TERMS, alpha=0.5,
                  temperature=40.0, kl_reduction="batchmean", alignment="reuse", init="normal", init_std=0.02,
-                 clone_norm="none", clone_skip=0, checkpoint_layers=False):
+                 clone_norm="none", clone_skip=0, checkpoint_layers=False, calibration=None):
         super().__init__()
         check_args(teacher, d_student, clone_terms, kl_reduction, alignment, init, clone_norm)
         tc = teacher.config
@@ -82,25 +82,77 @@ class LowRankClone(nn.Module):
         self.align = None if alignment == "reuse" else nn.ModuleList(  # only for output terms in use
             nn.ParameterDict({OUTPUT_TERMS[t]: proj() for t in self.clone_terms if t in OUTPUT_TERMS})
             for _ in teacher.layers)
-        self.init_projections(init, init_std)
+        if init == "pca" and calibration is None:
+            raise ValueError("init='pca' needs calibration=token ids [N, T] from the training data")
+        self.init_projections(init, init_std, calibration)
 
     @torch.no_grad()
-    def init_projections(self, init="normal", std=0.02):
+    def init_projections(self, init="normal", std=0.02, calibration=None):
         """normal: every P ~ N(0, std), norms 1.0 (paper and official code). identity: P = the first d_S
         columns of I and the teacher's norm weights sliced alike, i.e. the student keeps the teacher's
         first d_S residual coordinates (with d_S = d_T the student *is* the teacher: a check of the
-        whole construction)."""
+        whole construction). pca: see init_pca (needs calibration tokens)."""
         for p in self.projections():
             if init == "normal":
                 nn.init.normal_(p, std=std)
             else:
                 p.copy_(torch.eye(*p.shape))
+        if init == "pca":
+            self.init_pca(calibration)
         if init == "identity":
             dS = self.config.hidden_size
             for t, s in zip(self.teacher.layers, self.norms):
                 for name, norm in s.items():
                     norm.weight.copy_(t.get_submodule(name).weight[:dS])
             self.norm.weight.copy_(self.teacher.norm.weight[:dS])
+
+    @torch.no_grad()
+    def init_pca(self, tokens: torch.Tensor, batch_size=8):
+        """Not in the paper (README, "Distillation efficiency"): start the student as the teacher truncated
+        to the top-d_S principal subspace U of its residual stream. The stream is sampled where the teacher
+        reads it (every RMSNorm input), each token scaled to unit RMS first, so the attention sink's massive
+        activations count as one token, not as 94% of the energy. With h_S = U^T h_T: P_emb = P_o = P_down = U;
+        the input side folds the teacher's norm weights in, P = diag(g_T) U; the student's norms become
+        sqrt(d_T/d_S), the RMS ratio of the same vector in d_S and d_T coordinates. U is rotated within its span
+        to diagonalise U^T diag(g_final) U, so a tied head, which must reuse P_emb, gets that diagonal as its
+        final norm (an untied head folds g_final in exactly). With d_S = d_T the student is the teacher."""
+        teacher, dS = self.teacher, self.config.hidden_size
+        cov = 0
+
+        def add(r):  # one RMSNorm input, every token at unit RMS
+            nonlocal cov
+            z = r.flatten(0, 1).double()
+            z = z * z.square().mean(-1, keepdim=True).rsqrt()
+            cov = cov + z.T @ z
+        for x in tokens.split(batch_size):
+            cos, sin = rope_cos_sin(teacher.inv_freq, 0, x.shape[1])
+            h = teacher.embed_tokens(x)
+            for layer in teacher.layers:
+                acts = {}
+                h_next = layer(h, cos, sin, 0, acts)
+                add(h)  # input_layernorm's input
+                add(h + acts["attn_out"])  # post_attention_layernorm's
+                h = h_next
+            add(h)  # the final norm's
+        U = torch.linalg.eigh(cov).eigenvectors[:, -dS:]  # eigenvalues ascend: the top d_S directions
+        g = teacher.norm.weight.double()
+        lam, R = torch.linalg.eigh(U.T @ (g[:, None] * U))
+        U, scale = U @ R, (teacher.config.hidden_size / dS) ** 0.5
+        for t, P, n in zip(teacher.layers, self.proj, self.norms):
+            for m in P:
+                norm = "input_layernorm" if m in ("q", "k", "v") else "post_attention_layernorm"
+                P[m].copy_(t.get_submodule(norm).weight.double()[:, None] * U if m in INPUT_SIDE else U)
+            for norm in n.values():
+                norm.weight.fill_(scale)
+        for a in self.align or []:  # explicit alignment (ablation) starts as the reused projection would
+            for m in a:
+                a[m].copy_(U)
+        self.p_emb.copy_(U)
+        if self.p_lm is None:
+            self.norm.weight.copy_(scale * lam)
+        else:
+            self.p_lm.copy_(g[:, None] * U)
+            self.norm.weight.fill_(scale)
 
     def projections(self) -> list:
         """Every projection and alignment matrix (all trainable parameters except the norm weights)."""
@@ -322,9 +374,10 @@ def check_args(teacher, d_student, clone_terms, kl_reduction, alignment, init, c
     if tc.model_type == "llama" and tc.attention_bias:
         raise ValueError("teachers with an o_proj bias (Llama attention_bias=true) are not supported by LRC")
     d_t = tc.hidden_size
-    if not 0 < d_student <= d_t or (d_student == d_t and init != "identity"):
+    if not 0 < d_student <= d_t or (d_student == d_t and init == "normal"):
         raise ValueError(f"d_student must be in [1, {d_t - 1}] (the teacher's hidden_size is {d_t}), "
-                         f"got {d_student}; a student as wide as the teacher only makes sense with init='identity'")
+                         f"got {d_student}; a student as wide as the teacher only makes sense with init "
+                         "'identity' or 'pca'")
     bad = [t for t in clone_terms if t not in CLONE_TERMS]
     if bad:
         raise ValueError(f"unknown clone term(s) {bad}; choose from {list(CLONE_TERMS)}")

@@ -44,7 +44,8 @@ DEFAULTS = dict(
     d_student=256,  # the student's residual width (LRC; also the baselines' default hidden size)
     clone_terms=",".join(CLONE_TERMS),  # ablations: drop terms, e.g. "q,k,v,attn_out" (w/o FFN)
     alignment="reuse",  # "explicit": separate alignment matrices (ablation)
-    init="normal",  # projections: "normal" N(0, init_std) as in the paper, or "identity" (first d_S coordinates)
+    init="normal",  # projections: "normal" N(0, init_std) as in the paper, "identity" (first d_S coordinates) or
+    # "pca" (the teacher's top-d_S residual subspace, measured on 32 train windows; README, Distillation efficiency)
     init_std=0.02,  # std of LRC's projections (init "normal") and of every from-scratch weight (kd, tinybert, lm)
     alpha=0.5,  # weight of the clone loss
     temperature=40.0,  # of the KL (lrc, kd, tinybert)
@@ -127,9 +128,10 @@ def tokenizer_dir(cfg):
     return cfg.get("init_from") or cfg["teacher"]
 
 
-def build_model(cfg, device, dtype):
+def build_model(cfg, device, dtype, calibration=None):
     """The trainable module for cfg['method'] (lrc.py, baselines.py): forward(idx, targets) -> (loss, parts);
-    .teacher (None for lm, sft); .config; .student(); .export()."""
+    .teacher (None for lm, sft); .config; .student(); .export(). calibration: token ids for LRC's init 'pca'
+    (calibration_tokens); without them the model is built to load a checkpoint's weights into."""
     method = cfg["method"]
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
@@ -159,9 +161,16 @@ def build_model(cfg, device, dtype):
         with torch.device(device):
             return LowRankClone(teacher, cfg["d_student"], clone_terms=terms, alpha=cfg["alpha"],
                                 temperature=cfg["temperature"], kl_reduction=cfg["kl_reduction"],
-                                alignment=cfg["alignment"], init=cfg["init"], init_std=cfg["init_std"],
-                                clone_norm=cfg["clone_norm"], clone_skip=cfg["clone_skip"],
-                                checkpoint_layers=cfg["checkpoint"])
+                                alignment=cfg["alignment"], init_std=cfg["init_std"],
+                                init="normal" if cfg["init"] == "pca" and calibration is None else cfg["init"],
+                                calibration=calibration, clone_norm=cfg["clone_norm"],
+                                clone_skip=cfg["clone_skip"], checkpoint_layers=cfg["checkpoint"])
+
+
+def calibration_tokens(cfg, device, windows=32):
+    """Train windows for init 'pca', the same on every rank (rank 0's first micro-batches of step 0)."""
+    b = Batches(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], seed=cfg["seed"], device=device)
+    return torch.cat([b.get_batch("train", 0, m)[0] for m in range(-(-windows // cfg["batch_size"]))])
 
 
 def all_reduce_mean(tensors, world):
@@ -293,7 +302,8 @@ def train(cfg):
     check_compatible(cfg["data_dir"], tokenizer, cfg["block_size"])
     batches = Batches(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], seed=cfg["seed"], rank=rank,
                       world_size=world, device=device)
-    model = build_model(cfg, device, dtype)
+    pca = cfg["method"] == "lrc" and cfg["init"] == "pca" and not cfg["resume"]  # resume: weights from ckpt.pt
+    model = build_model(cfg, device, dtype, calibration_tokens(cfg, device) if pca else None)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
                          f"{model.config.vocab_size} rows: tokenizer and weights do not belong together")

@@ -1,4 +1,5 @@
 """LRC against the paper's identities and against a naive reference implementation."""
+import dataclasses
 import json
 
 import pytest
@@ -300,3 +301,37 @@ def test_scale_free_clone_and_sink_skip():
         torch.testing.assert_close(terms[j], F.mse_loss(s, t) / t.square().mean())
     with pytest.raises(ValueError, match="clone_norm"):
         LowRankClone(teacher, 20, clone_norm="robust")
+
+
+@pytest.mark.parametrize("name", TEACHERS)
+def test_pca_init_clones_a_teacher_whose_residual_stream_has_rank_d_student(name):
+    """init='pca' on a teacher whose residual stream lies in a 24-dim subspace (embedding and every o/down
+    write into it): the width-24 student is the teacher. Checks the subspace, the norm folding, the
+    sqrt(d_T/d_S) norm scale, the rotation for a tied head (its final norm uniform, so the diagonal is exact)
+    and the folded final norm of an untied head. Full width recovers any teacher."""
+    teacher = tiny_teacher(name)
+    idx, tgt = batch(B=4)
+    calibration = batch(seed=2, B=4)[0]
+    lrc = LowRankClone(teacher, 48, init="pca", calibration=calibration, temperature=1.0, kl_reduction="token")
+    torch.testing.assert_close(lrc.student()(idx)[0], teacher(idx)[0], atol=1e-4, rtol=1e-4)
+    teacher.config = dataclasses.replace(teacher.config, rms_norm_eps=1e-12)  # eps does not scale with the width: the one inexact part
+    for m in teacher.modules():
+        if hasattr(m, "eps"):
+            m.eps = 1e-12
+    Q = torch.linalg.qr(torch.randn(48, 24, generator=torch.Generator().manual_seed(3)))[0]
+    with torch.no_grad():
+        teacher.embed_tokens.weight.copy_(teacher.embed_tokens.weight @ Q @ Q.T)
+        for layer in teacher.layers:
+            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                lin.weight.copy_(Q @ Q.T @ lin.weight)
+        if teacher.config.tie_word_embeddings:
+            teacher.norm.weight.fill_(1.3)
+    lrc = LowRankClone(teacher, 24, init="pca", calibration=calibration, temperature=1.0, kl_reduction="token")
+    _, parts = lrc(idx, tgt)
+    with torch.no_grad():
+        torch.testing.assert_close(lrc.student()(idx)[0], teacher(idx)[0], atol=1e-4, rtol=1e-4)
+    assert parts["clone"] < 1e-8 and abs(parts["kl"]) < 1e-5
+    normal = LowRankClone(teacher, 24, temperature=1.0, kl_reduction="token")(idx, tgt)[1]
+    assert normal["kl"] > 0.1  # the check above is not trivially met
+    with pytest.raises(ValueError, match="calibration"):
+        LowRankClone(teacher, 24, init="pca")
