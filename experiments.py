@@ -4,6 +4,7 @@ Small-scale experiments on the CPU demo teacher (SmolLM2-135M-Instruct) and corp
     python experiments.py baselines      # LRC, its ablations, vanilla KD, TinyBERT, LM-only at equal size and tokens
     python experiments.py efficiency     # the paper's LRC recipe against the distillation-efficiency options
     python experiments.py efficiency --tokens=200000 --only="paper,scale-free clone"
+    python experiments.py efficiency --minutes=12.5 --only="paper,demo recipe"   # the demo's budget per run
 
 Each run is `python train.py config/lrc_demo.py <overrides>` into out/experiments/<set>/<run>. The script then
 evaluates every exported student on the demo val split and on held-out text it never trained on (Debian's
@@ -30,7 +31,10 @@ from train import evaluate
 
 # run name -> train.py overrides, on top of config/lrc_demo.py (the demo's own recipe)
 PAPER = ["--clone_norm=none", "--clone_skip=0", "--temperature=40.0", "--kl_reduction=batchmean", "--alpha=0.5",
-         "--norm_lr_mult=1.0"]
+         "--norm_lr_mult=1.0", "--init=normal", "--lr=1e-3"]
+# init 'pca' starts near the teacher: lr 1e-5 (1e-4 undid the init in one Adam step), KL at T=1 per token
+PCA = ["--init=pca", "--lr=1e-5", "--clone_norm=target", "--clone_skip=0", "--temperature=1.0", "--kl_reduction=token",
+       "--norm_lr_mult=1.0"]
 SETS = {
     "baselines": {
         "LRC": [],
@@ -45,11 +49,18 @@ SETS = {
         "paper": PAPER,
         "scale-free clone": ["--clone_norm=target", *PAPER[1:]],
         "scale-free clone + KL T=1 per token": ["--clone_norm=target", "--clone_skip=0", "--temperature=1.0",
-                                               "--kl_reduction=token", "--alpha=0.5", "--norm_lr_mult=1.0"],
-        "+ skip sink position": ["--clone_norm=target", "--clone_skip=1", "--temperature=1.0",
+                                               "--kl_reduction=token", "--alpha=0.5", *PAPER[5:]],
+        "+ skip sink position": ["--clone_norm=target", "--clone_skip=1", *PAPER[6:], "--temperature=1.0",
                                  "--kl_reduction=token", "--alpha=0.5", "--norm_lr_mult=1.0"],
         "+ lr 3e-3": ["--clone_norm=target", "--clone_skip=0", "--temperature=1.0", "--kl_reduction=token",
-                      "--alpha=0.5", "--norm_lr_mult=1.0", "--lr=3e-3"],
+                      "--alpha=0.5", "--norm_lr_mult=1.0", "--init=normal", "--lr=3e-3"],
+        "pca init + paper loss": [*PAPER, "--init=pca", "--lr=1e-5"],
+        "pca init + paper KL": [*PCA, "--temperature=40.0", "--kl_reduction=batchmean", "--alpha=0.5"],
+        "pca init": [*PCA, "--alpha=0.5"],
+        "pca init w/o clone": [*PCA, "--alpha=0"],
+        "pca init w/o clone + lr 3e-5": [*PCA, "--alpha=0", "--lr=3e-5", "--warmup_ratio=0.1"],
+        "pca init + lr 3e-5": [*PCA, "--alpha=0.5", "--lr=3e-5", "--warmup_ratio=0.1"],
+        "pca init w/o clone + lr 1e-4": [*PCA, "--alpha=0", "--lr=1e-4", "--warmup_ratio=0.1"],
         "demo recipe": [],
     },
 }
@@ -70,13 +81,16 @@ def held_out_data(tokenizer):
     return out
 
 
-def run(name, overrides, out_dir, teacher, data_dir, tokens):
-    steps = tokens // (8 * 256)
+def run(name, overrides, out_dir, teacher, data_dir, tokens, minutes):
+    if minutes:  # the demo's budget: its steps, compiled, stopped by wall time
+        budget = [f"--max_minutes={minutes}"]
+    else:  # equal tokens, eager: no compile time
+        steps = tokens // (8 * 256)
+        budget = [f"--max_steps={steps}", "--max_minutes=0", f"--eval_interval={max(1, steps // 5)}",
+                  f"--ckpt_interval={steps}", "--compile=False", "--warmup_ratio=0.02"]
     files = [o for o in overrides if o.endswith(".py")]  # config files first: the flags below must win
     args = [sys.executable, "train.py", "config/lrc_demo.py", *files, f"--teacher={teacher}",
-            f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--max_steps={steps}", "--max_minutes=0",
-            f"--eval_interval={max(1, steps // 5)}", f"--ckpt_interval={steps}", "--compile=False",
-            "--warmup_ratio=0.02", *(o for o in overrides if not o.endswith(".py"))]  # eager: no compile time
+            f"--data_dir={data_dir}", f"--out_dir={out_dir}", *budget, *(o for o in overrides if not o.endswith(".py"))]
     if os.path.isdir(os.path.join(out_dir, "student")):
         return
     print(f"--- {name}: {' '.join(args[2:])}", flush=True)
@@ -147,6 +161,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("set", choices=SETS)
     p.add_argument("--tokens", type=int, default=150_000, help="training tokens per run (equal for all)")
+    p.add_argument("--minutes", type=float, default=0, help="> 0: instead of --tokens, the demo's recipe with this "
+                   "wall-time bound per run (compiled, as python demo.py runs); results/<set>-<minutes>min.md")
     p.add_argument("--only", default="", help="comma-separated run names (default: all of the set)")
     args = p.parse_args()
     teacher_dir = demo.convert_teacher()
@@ -155,13 +171,13 @@ def main():
     held_out = Batches(held_out_data(tokenizer), batch_size=8, block_size=256)
     teacher = Transformer.from_pretrained(teacher_dir)
     names = [n for n in SETS[args.set] if not args.only or n in args.only.split(",")]
-    rows = []
+    rows, set_name = [], args.set + (f"-{args.minutes:g}min" if args.minutes else "")
     for name in names:
-        out_dir = os.path.join("out", "experiments", args.set, name.replace(" ", "_").replace("/", ""))
+        out_dir = os.path.join("out", "experiments", set_name, name.replace(" ", "_").replace("/", ""))
         os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-        run(name, SETS[args.set][name], out_dir, teacher_dir, data_dir, args.tokens)
+        run(name, SETS[args.set][name], out_dir, teacher_dir, data_dir, args.tokens, args.minutes)
         rows.append(summarise(name, out_dir, teacher, held_out))
-    write_results(args.set, rows, "python " + shlex.join(sys.argv))
+    write_results(set_name, rows, "python " + shlex.join(sys.argv))
 
 
 if __name__ == "__main__":

@@ -163,6 +163,19 @@ def test_ddp_equals_grad_accum(runs):
         assert rb == pytest.approx(ra, rel=1e-5, abs=1e-7)
 
 
+
+@pytest.mark.slow  # a torchrun and a single-process run
+def test_pca_init_is_the_same_on_every_rank(runs):
+    """init='pca' measures the teacher on the same train windows on every rank, so 2 ranks x 1 micro-batch
+    start and end where 1 rank x 2 micro-batches do; and it starts nearer the teacher than init 'normal'."""
+    single, ddp = runs("--init=pca"), runs("--init=pca", "--grad_accum=1", nproc=2)
+    a, b = ckpt(single), ckpt(ddp)
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    first = [metrics(out)[0] for out in (single, ddp, runs())]
+    assert first[0]["step"] == 0 and first[1]["val_kl"] == pytest.approx(first[0]["val_kl"], rel=1e-5)
+    assert first[0]["val_kl"] < 0.7 * first[2]["val_kl"], first  # 0.14 vs 0.25 on this random teacher
+
 def test_resume_is_exact(runs, halfway, tiny_teacher, tiny_data):
     """6 steps in one go = 3 steps, stop, resume to 6: the same metrics rows and checkpoint to the bit."""
     assert ckpt(halfway)["step"] == HALF and not os.path.exists(os.path.join(halfway, "student"))
