@@ -231,7 +231,8 @@ class LowRankClone(nn.Module):
         with torch.no_grad():
             h_t = self.teacher.layers[i](h_t, cos, sin, 0, t_acts)
         h_s = functional_call(self.skeleton.layers[i], weights, (h_s, cos, sin, 0, s_acts))
-        terms = [self.clone_mse(s_acts[t], self.clone_target(i, t, t_acts)) for t in self.clone_terms]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.alpha != 0):  # alpha 0: logged, no backward
+            terms = [self.clone_mse(s_acts[t], self.clone_target(i, t, t_acts)) for t in self.clone_terms]
         return h_t, h_s, torch.stack(terms) if terms else h_s.new_zeros(0, dtype=torch.float32)
 
     def clone_target(self, i: int, term: str, t_acts: dict) -> torch.Tensor:
