@@ -97,9 +97,17 @@ def configure(defaults: dict, argv: list[str]) -> dict:
 
 
 def configure_or_exit(defaults: dict, argv: list[str] | None = None) -> dict:
-    """configure() for scripts: on a ConfigError print it to stderr and exit with status 2."""
+    """configure() for scripts: on a ConfigError print it to stderr and exit with status 2. -h / --help: the
+    script's docstring and every key with its default, then exit 0."""
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print((sys.modules["__main__"].__doc__ or "").strip())
+        print("\nkeys (--key=value, or assigned in a config/*.py file):")
+        for key, value in defaults.items():
+            print(f"  --{key}={value!r}")
+        sys.exit(0)
     try:
-        return configure(defaults, sys.argv[1:] if argv is None else argv)
+        return configure(defaults, argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

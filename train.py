@@ -5,7 +5,7 @@ Train a student from a frozen teacher: Low-Rank Clone (default), one loop for ev
     python train.py config/lrc_demo.py --resume=True             # continue from out_dir/ckpt.pt
     torchrun --nproc_per_node=8 train.py config/lrc_qwen.py      # data parallel on one node
     # two nodes: run on each, with --node_rank=0 / 1
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \\
         train.py config/lrc_qwen.py
     torchrun --nproc_per_node=8 train.py config/lrc_qwen.py config/ablation_no_ffn.py   # a paper ablation
     torchrun --nproc_per_node=8 train.py config/kd_qwen.py       # baselines: method kd | tinybert | lm | sft

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from configurator import ConfigError, configure
+from configurator import ConfigError, configure, configure_or_exit
 
 DEFAULTS = dict(batch_size=8, block_size=256, learning_rate=6.7e-5, grad_clip=1.0,
                 compile=False, out_dir="out", init_from=None, betas=(0.9, 0.999))
@@ -114,3 +114,11 @@ def test_configure_or_exit_prints_and_exits_2(tmp_path):
     run = subprocess.run([sys.executable, script, "--warmpu=0.5"], capture_output=True, text=True,
                          env=env)
     assert run.returncode == 2 and "did you mean 'warmup'" in run.stderr and run.stdout == ""
+
+
+def test_help_lists_every_key_and_exits_0(capsys):
+    with pytest.raises(SystemExit) as e:
+        configure_or_exit(DEFAULTS, ["config/x.py", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"--{k}={v!r}" in out for k, v in DEFAULTS.items())
