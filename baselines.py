@@ -69,11 +69,15 @@ class Student(nn.Module):
 
 def from_scratch(config: ModelConfig, teacher: Transformer, init_std: float) -> Transformer:
     """A randomly initialised student on the teacher's device, for distillation from that teacher."""
+    check_vocab(config, teacher)
+    with torch.device(teacher.embed_tokens.weight.device):
+        return Transformer(config).init_weights(init_std)
+
+
+def check_vocab(config: ModelConfig, teacher: Transformer):
     if config.vocab_size != teacher.config.vocab_size:
         raise ValueError(f"student vocab_size {config.vocab_size} != the teacher's {teacher.config.vocab_size}: "
                          "token-level KD needs the same vocabulary")
-    with torch.device(teacher.embed_tokens.weight.device):
-        return Transformer(config).init_weights(init_std)
 
 
 def check_kl(temperature, kl_reduction):
@@ -91,11 +95,13 @@ class VanillaKD(Student):
     teacher's entropy: the same gradient, a loss higher by that constant."""
 
     def __init__(self, teacher: Transformer, student_config: ModelConfig, alpha_kl=0.5, temperature=1.0,
-                 kl_reduction="token", init_std=0.02):
+                 kl_reduction="token", init_std=0.02, model: Transformer | None = None):
         check_kl(temperature, kl_reduction)
         if not 0.0 <= alpha_kl <= 1.0:
             raise ValueError(f"alpha_kl must be in [0, 1], got {alpha_kl}")
-        super().__init__(from_scratch(student_config, teacher, init_std), teacher)
+        if model is not None:  # a given starting point (e.g. an exported student), checked like a new one
+            check_vocab(model.config, teacher)
+        super().__init__(model or from_scratch(student_config, teacher, init_std), teacher)
         self.alpha_kl, self.temperature, self.kl_reduction = alpha_kl, temperature, kl_reduction
 
     def forward(self, idx, targets):

@@ -26,8 +26,9 @@ import torch
 
 import demo
 from data import Batches, load_tokenizer, prepare
+from lrc import LowRankClone
 from model import Transformer
-from train import evaluate
+from train import DEFAULTS, calibration_tokens, evaluate
 
 # run name -> train.py overrides, on top of config/lrc_demo.py (the demo's own recipe)
 PAPER = ["--clone_norm=none", "--clone_skip=0", "--temperature=40.0", "--kl_reduction=batchmean", "--alpha=0.5",
@@ -38,6 +39,8 @@ PCA = ["--init=pca", "--lr=1e-5", "--clone_norm=target", "--clone_skip=0", "--te
 # the baselines were run with the demo's recipe before init 'pca': random start, lr 1e-3, scale-free clone
 RANDOM_START = ["--init=normal", "--lr=1e-3", "--alpha=0.5", "--temperature=40.0", "--kl_reduction=batchmean",
                 "--clone_norm=target"]
+# init 'pca''s step-0 student, exported (pca_student): the same start for KD of all its weights
+PCA_STUDENT = os.path.join("out", "experiments", "pca_student")
 SETS = {
     "baselines": {
         "LRC": RANDOM_START,
@@ -64,9 +67,19 @@ SETS = {
         "pca init w/o clone + lr 3e-5": [*PCA, "--alpha=0", "--lr=3e-5", "--warmup_ratio=0.1"],
         "pca init + lr 3e-5": [*PCA, "--alpha=0.5", "--lr=3e-5", "--warmup_ratio=0.1"],
         "pca init w/o clone + lr 1e-4": [*PCA, "--alpha=0", "--lr=1e-4", "--warmup_ratio=0.1"],
+        "KD of the pca student + lr 3e-5": ["--method=kd", f"--init_from={PCA_STUDENT}", *PCA, "--alpha_kl=0.5",
+                                            "--lr=3e-5", "--warmup_ratio=0.1"],
         "demo recipe": [],
     },
 }
+
+
+def pca_student(teacher, teacher_dir, data_dir):
+    """Export the student of init 'pca' at step 0 (train.py's calibration windows) to PCA_STUDENT, once."""
+    if not os.path.isdir(PCA_STUDENT):
+        cfg = {**DEFAULTS, "data_dir": data_dir, "batch_size": 8, "block_size": 256}
+        LowRankClone(teacher, 288, init="pca", calibration=calibration_tokens(cfg, "cpu")).export(
+            PCA_STUDENT, tokenizer_dir=teacher_dir)
 
 
 def held_out_data(tokenizer):
@@ -174,6 +187,8 @@ def main():
     held_out = Batches(held_out_data(tokenizer), batch_size=8, block_size=256)
     teacher = Transformer.from_pretrained(teacher_dir)
     names = [n for n in SETS[args.set] if not args.only or n in args.only.split(",")]
+    if any(f"--init_from={PCA_STUDENT}" in SETS[args.set][n] for n in names):
+        pca_student(teacher, teacher_dir, data_dir)
     rows, set_name = [], args.set + (f"-{args.minutes:g}min" if args.minutes else "")
     for name in names:
         out_dir = os.path.join("out", "experiments", set_name, name.replace(" ", "_").replace("/", ""))

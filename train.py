@@ -54,7 +54,7 @@ DEFAULTS = dict(
     clone_skip=0,  # leave the first positions of every window (the attention sink) out of the clone loss
     # baselines (baselines.py): students from scratch (kd, tinybert, lm) or a fine-tuned HF model (sft)
     student_config="",  # config.json (or HF dir) of the student; "": the teacher's with hidden_size d_student
-    init_from="",  # lm, sft: train this HF dir (weights and tokenizer); required by sft; lm without it: scratch
+    init_from="",  # lm, sft, kd: train this HF dir (weights and tokenizer); required by sft; else from scratch
     alpha_kl=0.5,  # kd: L = alpha_kl * KL + (1 - alpha_kl) * LM
     tinybert_hidden=1.0,  # tinybert: weight of the hidden-state MSE (through learned Linear(d_S -> d_T))
     tinybert_attn=1.0,  # tinybert: weight of the attention-map MSE
@@ -149,9 +149,11 @@ def build_model(cfg, device, dtype, calibration=None):
     # the teacher is frozen: held in the compute dtype (bf16 on GPU), no fp32 master copy needed
     teacher = Transformer.from_pretrained(cfg["teacher"], device=device, dtype=getattr(torch, dtype))
     if method == "kd":
+        start = Transformer.from_pretrained(cfg["init_from"], device=device, dtype=torch.float32) \
+            if cfg["init_from"] else None
         return VanillaKD(teacher, student_config(teacher.config, cfg["d_student"], cfg["student_config"]),
                          alpha_kl=cfg["alpha_kl"], temperature=cfg["temperature"],
-                         kl_reduction=cfg["kl_reduction"], init_std=cfg["init_std"])
+                         kl_reduction=cfg["kl_reduction"], init_std=cfg["init_std"], model=start)
     if method == "tinybert":
         return TinyBERT(teacher, student_config(teacher.config, cfg["d_student"], cfg["student_config"]),
                         temperature=cfg["temperature"], kl_reduction=cfg["kl_reduction"],

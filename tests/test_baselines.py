@@ -243,3 +243,19 @@ def test_sft_needs_masked_data_and_a_model(tiny_teacher, text_data, tmp_path):
     assert r.returncode == 1 and "with data.py --mask" in r.stderr and "Traceback" not in r.stderr
     r = train_py(f"--teacher={tiny_teacher}", f"--data_dir={text_data}", f"--out_dir={tmp_path}/b", "--method=sft")
     assert r.returncode == 1 and "set --init_from" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_kd_from_a_given_student(tmp_path):
+    """kd with init_from: the student starts as the given model (here LRC's init 'pca' student, exported), not
+    from scratch; a student of another vocabulary is refused."""
+    teacher = make_teacher()
+    start = LowRankClone(teacher, 24, init="pca", calibration=batch(seed=3, B=4)[0]).student(torch.float32)
+    kd = VanillaKD(teacher, start.config, model=start)
+    idx, tgt = batch()
+    with torch.no_grad():
+        assert torch.equal(kd.student()(idx)[0], start(idx)[0])
+    kd(idx, tgt)[0].backward()
+    assert all_trained(kd)
+    other = Transformer(dataclasses.replace(start.config, vocab_size=100))
+    with pytest.raises(ValueError, match="vocab"):
+        VanillaKD(teacher, other.config, model=other)
