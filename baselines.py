@@ -99,9 +99,11 @@ class VanillaKD(Student):
         check_kl(temperature, kl_reduction)
         if not 0.0 <= alpha_kl <= 1.0:
             raise ValueError(f"alpha_kl must be in [0, 1], got {alpha_kl}")
-        if model is not None:  # a given starting point (e.g. an exported student), checked like a new one
+        if model is None:
+            model = from_scratch(student_config, teacher, init_std)
+        else:  # a given starting point (e.g. an exported student), checked like a new one
             check_vocab(model.config, teacher)
-        super().__init__(model or from_scratch(student_config, teacher, init_std), teacher)
+        super().__init__(model, teacher)
         self.alpha_kl, self.temperature, self.kl_reduction = alpha_kl, temperature, kl_reduction
 
     def forward(self, idx, targets):

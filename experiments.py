@@ -31,14 +31,14 @@ from model import Transformer
 from train import DEFAULTS, calibration_tokens, evaluate
 
 # run name -> train.py overrides, on top of config/lrc_demo.py (the demo's own recipe)
+RANDOM = ["--init=normal", "--lr=1e-3"]  # the paper's N(0, 0.02) projections, at the lr they needed here
 PAPER = ["--clone_norm=none", "--clone_skip=0", "--temperature=40.0", "--kl_reduction=batchmean", "--alpha=0.5",
-         "--norm_lr_mult=1.0", "--init=normal", "--lr=1e-3"]
+         "--norm_lr_mult=1.0", *RANDOM]
 # init 'pca' starts near the teacher: lr 1e-5 (1e-4 undid the init in one Adam step), KL at T=1 per token
 PCA = ["--init=pca", "--lr=1e-5", "--clone_norm=target", "--clone_skip=0", "--temperature=1.0", "--kl_reduction=token",
        "--norm_lr_mult=1.0"]
 # the baselines were run with the demo's recipe before init 'pca': random start, lr 1e-3, scale-free clone
-RANDOM_START = ["--init=normal", "--lr=1e-3", "--alpha=0.5", "--temperature=40.0", "--kl_reduction=batchmean",
-                "--clone_norm=target"]
+RANDOM_START = [*RANDOM, "--alpha=0.5", "--temperature=40.0", "--kl_reduction=batchmean", "--clone_norm=target"]
 # init 'pca''s step-0 student, exported (pca_student): the same start for KD of all its weights
 PCA_STUDENT = os.path.join("out", "experiments", "pca_student")
 SETS = {
@@ -55,9 +55,9 @@ SETS = {
         "paper": PAPER,
         "scale-free clone": ["--clone_norm=target", *PAPER[1:]],
         "scale-free clone + KL T=1 per token": ["--clone_norm=target", "--clone_skip=0", "--temperature=1.0",
-                                               "--kl_reduction=token", "--alpha=0.5", *PAPER[5:]],
-        "+ skip sink position": ["--clone_norm=target", "--clone_skip=1", *PAPER[6:], "--temperature=1.0",
-                                 "--kl_reduction=token", "--alpha=0.5", "--norm_lr_mult=1.0"],
+                                               "--kl_reduction=token", "--alpha=0.5", "--norm_lr_mult=1.0", *RANDOM],
+        "+ skip sink position": ["--clone_norm=target", "--clone_skip=1", "--temperature=1.0",
+                                 "--kl_reduction=token", "--alpha=0.5", "--norm_lr_mult=1.0", *RANDOM],
         "+ lr 3e-3": ["--clone_norm=target", "--clone_skip=0", "--temperature=1.0", "--kl_reduction=token",
                       "--alpha=0.5", "--norm_lr_mult=1.0", "--init=normal", "--lr=3e-3"],
         "pca init + paper loss": [*PAPER, "--init=pca", "--lr=1e-5"],

@@ -92,13 +92,13 @@ class LowRankClone(nn.Module):
         columns of I and the teacher's norm weights sliced alike, i.e. the student keeps the teacher's
         first d_S residual coordinates (with d_S = d_T the student *is* the teacher: a check of the
         whole construction). pca: see init_pca (needs calibration tokens)."""
+        if init == "pca":
+            return self.init_pca(calibration)
         for p in self.projections():
             if init == "normal":
                 nn.init.normal_(p, std=std)
             else:
                 p.copy_(torch.eye(*p.shape))
-        if init == "pca":
-            self.init_pca(calibration)
         if init == "identity":
             dS = self.config.hidden_size
             for t, s in zip(self.teacher.layers, self.norms):
@@ -139,9 +139,9 @@ class LowRankClone(nn.Module):
         lam, R = torch.linalg.eigh(U.T @ (g[:, None] * U))
         U, scale = U @ R, (teacher.config.hidden_size / dS) ** 0.5
         for t, P, n in zip(teacher.layers, self.proj, self.norms):
-            for m in P:
-                norm = "input_layernorm" if m in ("q", "k", "v") else "post_attention_layernorm"
-                P[m].copy_(t.get_submodule(norm).weight.double()[:, None] * U if m in INPUT_SIDE else U)
+            for m in P:  # q, k, v read input_layernorm's output; gate, up post_attention_layernorm's
+                g_in = (t.input_layernorm if m in ("q", "k", "v") else t.post_attention_layernorm).weight.double()
+                P[m].copy_(g_in[:, None] * U if m in INPUT_SIDE else U)
             for norm in n.values():
                 norm.weight.fill_(scale)
         for a in self.align or []:  # explicit alignment (ablation) starts as the reused projection would
