@@ -100,6 +100,8 @@ def configure_or_exit(defaults: dict, argv: list[str] | None = None) -> dict:
     """configure() for scripts: on a ConfigError print it to stderr and exit with status 2. -h / --help: the
     script's docstring and every key with its default, then exit 0."""
     argv = sys.argv[1:] if argv is None else argv
+    if hasattr(sys.stdout, "reconfigure"):  # log lines reach a redirected stdout (a cluster job's log) at once
+        sys.stdout.reconfigure(line_buffering=True)
     if {"-h", "--help"} & set(argv):
         print((sys.modules["__main__"].__doc__ or "").strip())
         print("\nkeys (--key=value, or assigned in a config/*.py file):")

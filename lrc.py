@@ -38,7 +38,7 @@ OUTPUT_SIDE = {"o": "self_attn.o_proj", "down": "mlp.down_proj"}
 # Clone terms (Eq. 5): the five linear outputs compared directly, the two layer outputs through P.
 CLONE_TERMS = ("q", "k", "v", "gate", "up", "attn_out", "ffn_out")
 OUTPUT_TERMS = {"attn_out": "o", "ffn_out": "down"}  # which projection maps the teacher's output down
-INITS = ("normal", "identity", "pca")
+INITS = ("normal", "identity", "pca", None)  # None: left uninitialised, for a checkpoint's weights to be loaded
 
 
 class LowRankClone(nn.Module):
@@ -60,7 +60,7 @@ class LowRankClone(nn.Module):
         # clone_skip leaves the first positions of each window (the attention sink) out of the clone loss.
         self.clone_norm, self.clone_skip = clone_norm, clone_skip
         self.checkpoint_layers = checkpoint_layers  # activation checkpointing per (teacher, student) layer pair
-        self.weights = None  # the step's generated weights inside accumulate()
+        self.weights = None  # inside accumulate(): the step's generated weights as fp32 leaves (step_weights)
         # Same depth, heads, head_dim, FFN width, vocabulary and RoPE; only the residual width shrinks.
         self.config = dataclasses.replace(tc, hidden_size=d_student)
         with torch.device("meta"):  # the student's architecture only; its weights are generated (Eq. 1)
@@ -84,7 +84,8 @@ class LowRankClone(nn.Module):
             for _ in teacher.layers)
         if init == "pca" and calibration is None:
             raise ValueError("init='pca' needs calibration=token ids [N, T] from the training data")
-        self.init_projections(init, init_std, calibration)
+        if init is not None:
+            self.init_projections(init, init_std, calibration)
 
     @torch.no_grad()
     def init_projections(self, init="normal", std=0.02, calibration=None):
@@ -116,13 +117,13 @@ class LowRankClone(nn.Module):
         sqrt(d_T/d_S), the RMS ratio of the same vector in d_S and d_T coordinates. U is rotated within its span
         to diagonalise U^T diag(g_final) U, so a tied head, which must reuse P_emb, gets that diagonal as its
         final norm (an untied head folds g_final in exactly). With d_S = d_T the student is the teacher."""
-        teacher, dS = self.teacher, self.config.hidden_size
+        teacher, dS, eps = self.teacher, self.config.hidden_size, self.config.rms_norm_eps
         cov = 0
 
-        def add(r):  # one RMSNorm input, every token at unit RMS
+        def add(r):  # one RMSNorm input, every token at unit RMS (as the norm sees it: an all-zero row stays 0)
             nonlocal cov
             z = r.flatten(0, 1).double()
-            z = z * z.square().mean(-1, keepdim=True).rsqrt()
+            z = z * (z.square().mean(-1, keepdim=True) + eps).rsqrt()
             cov = cov + z.T @ z
         for x in tokens.split(batch_size):
             cos, sin = rope_cos_sin(teacher.inv_freq, 0, x.shape[1])
@@ -187,23 +188,34 @@ class LowRankClone(nn.Module):
         """One projection pass per optimizer step. Inside, every forward uses the same generated student
         weights, as leaves where backward stops; on exit their accumulated gradients flow into the
         projections once, instead of once per micro-batch. Exact, not an approximation: W_S is linear in
-        P, so sum_m dL_m/dP = J^T (sum_m dL_m/dW_S)."""
+        P, so sum_m dL_m/dP = J^T (sum_m dL_m/dW_S). The leaves are fp32 even under bf16 autocast, so the
+        micro-batch gradients are summed in fp32 as AMP sums a parameter's; each forward reads them cast to
+        the dtype they were generated in (step_weights), so the forward itself is the same."""
         flat, spec = tree_flatten(self.generate())
-        leaves = [w.detach().requires_grad_(w.requires_grad) for w in flat]
-        self.weights = tree_unflatten(leaves, spec)
+        leaves = [w.detach().float().requires_grad_(w.requires_grad) for w in flat]
+        self.weights = (leaves, [w.dtype for w in flat], spec)
         try:
             yield
         finally:
             self.weights = None
-        done = [(w, leaf.grad) for w, leaf in zip(flat, leaves) if leaf.grad is not None]
+        done = [(w, leaf.grad.to(w.dtype)) for w, leaf in zip(flat, leaves) if leaf.grad is not None]
         torch.autograd.backward([w for w, _ in done], [g for _, g in done])
+
+    def step_weights(self) -> dict:
+        """The student's weights for a forward: inside accumulate(), the step's fp32 leaves (self.weights, set
+        there) cast back to their generated dtype (a differentiable cast: gradients reach the leaves in fp32);
+        outside it, generated afresh."""
+        if self.weights is None:
+            return self.generate()
+        leaves, dtypes, spec = self.weights
+        return tree_unflatten([leaf.to(dtype) for leaf, dtype in zip(leaves, dtypes)], spec)
 
     # -- 2.-4. interleaved forward and the losses -----------------------------------------------
     def forward(self, idx, targets):
         """Returns (loss, parts). Teacher and student advance one layer at a time, and each teacher
         layer's activations become clone-loss terms at once, so only one layer's are ever alive."""
         teacher, B, T = self.teacher, *idx.shape
-        w = self.weights if self.weights is not None else self.generate()
+        w = self.step_weights()
         cos, sin = rope_cos_sin(teacher.inv_freq, 0, T)
         with torch.no_grad():
             h_t = teacher.embed_tokens(idx)  # (B, T, d_T)
@@ -266,7 +278,7 @@ class LowRankClone(nn.Module):
         sd = {k: v.detach().to(dtype or t_dtype).clone() for k, v in sd.items()}
         with torch.device("meta"):
             model = Transformer(self.config)
-        model.load_state_dict(sd, strict=False, assign=True)
+        model.load_state_dict(sd, strict=True, assign=True)  # every weight generated: none left on meta
         if self.config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         model.inv_freq = self.teacher.inv_freq.clone()
@@ -296,8 +308,14 @@ def mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (s.float() - t.float()).square().mean()
 
 
-# Token chunk of the loss head: chunk x vocab elements per [tokens, V] buffer (64 MB in fp32).
-HEAD_CHUNK_ELEMENTS = 1 << 24
+# Token chunk of the loss head: chunk x vocab elements per [tokens, V] fp32 buffer. CPU: 64 MB, cache-sized
+# work; GPU: 1 GiB, so that a 2048-token micro-batch at V = 151,936 is 3 large GEMMs, not 38 small ones.
+HEAD_CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
+
+
+def head_chunk(vocab_size: int, device: torch.device) -> int:
+    """Tokens per chunk of the loss head (and of evaluation) on this device."""
+    return max(1, HEAD_CHUNK_ELEMENTS.get(device.type, HEAD_CHUNK_ELEMENTS["cuda"]) // vocab_size)
 
 
 def distill_head(h_s, w_s, h_t, w_t, targets, temperature, kl_reduction="batchmean", weights=(1.0, 1.0)):
@@ -323,7 +341,7 @@ class FusedDistillHead(torch.autograd.Function):
         n_valid = valid.sum().clamp(min=1)
         grad_h, grad_w = torch.empty_like(h_s, dtype=torch.float32), torch.zeros_like(w_s, dtype=torch.float32)
         kl, lm = h_s.new_zeros((), dtype=torch.float32), h_s.new_zeros((), dtype=torch.float32)
-        chunk = max(1, HEAD_CHUNK_ELEMENTS // V)
+        chunk = head_chunk(V, h_s.device)
         for i in range(0, N, chunk):
             hs, tgt, ok = h_s[i:i + chunk], targets[i:i + chunk], valid[i:i + chunk]
             z = (hs @ w_s.T).float()  # (c, V) student logits

@@ -25,12 +25,13 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from tqdm import tqdm
 
 from baselines import LMOnly, TinyBERT, VanillaKD, student_config
 from configurator import configure_or_exit
 from data import Batches, check_compatible, load_tokenizer
-from lrc import CLONE_TERMS, LowRankClone, distill_losses
+from lrc import CLONE_TERMS, LowRankClone, head_chunk
 from model import ModelConfig, RMSNorm, Transformer, read_json
 
 DEFAULTS = dict(
@@ -61,7 +62,12 @@ DEFAULTS = dict(
     # batch
     batch_size=8,  # sequences per micro-batch per process
     block_size=256,  # tokens per sequence
-    grad_accum=1,  # micro-batches per optimizer step per process
+    grad_accum=1,  # micro-batches per optimizer step per process (derived from tokens_per_step when that is set)
+    tokens_per_step=0,  # > 0: tokens per optimizer step over all ranks, whatever the world size: grad_accum =
+    # tokens_per_step / (batch_size * block_size * ranks), an error if that is not a whole number
+    max_tokens=0,  # > 0: train on this many tokens (max_steps = max_tokens // tokens per step)
+    sampling="random",  # train windows: "random" (with replacement) or "epoch" (each packed window once per
+    # epoch in a seeded order, as the paper's one pass over its data; data.Batches)
     # optimizer: Adam, warmup then decay (paper: linear)
     lr=6.7e-5,  # peak learning rate
     min_lr=0.0,  # learning rate at the end of the decay
@@ -72,7 +78,7 @@ DEFAULTS = dict(
     weight_decay=0.0,  # Adam's (L2) weight decay; the paper uses none
     grad_clip=1.0,  # clip the global gradient norm (0: off)
     norm_lr_mult=1.0,  # learning rate of RMSNorm weights = lr * norm_lr_mult
-    max_steps=1000,  # optimizer steps (the lr schedule spans them)
+    max_steps=1000,  # optimizer steps (the lr schedule spans them); derived from max_tokens when that is set
     max_minutes=0.0,  # > 0: stop (evaluate, save, export) after this wall time
     stop_at=0,  # > 0: save at this step and exit unexported, as a preemption would; --resume=True goes on
     # evaluation, logging, checkpoints
@@ -86,6 +92,7 @@ DEFAULTS = dict(
     dtype="auto",  # auto: bfloat16 on cuda, float32 on cpu; bfloat16 = autocast with fp32 master weights
     compile=False,  # torch.compile the training forward (minutes to compile on CPU, then ~2x faster)
     checkpoint=False,  # LRC: activation checkpointing per (teacher, student) layer pair: less memory, more compute
+    zero=False,  # shard Adam's state over the ranks (torch's ZeroRedundancyOptimizer; the official code: ZeRO-2)
     seed=1337,  # initialisation and data order
 )
 
@@ -128,10 +135,10 @@ def tokenizer_dir(cfg):
     return cfg.get("init_from") or cfg["teacher"]
 
 
-def build_model(cfg, device, dtype, calibration=None):
+def build_model(cfg, device, dtype, calibration=None, load=False):
     """The trainable module for cfg['method'] (lrc.py, baselines.py): forward(idx, targets) -> (loss, parts);
     .teacher (None for lm, sft); .config; .student(); .export(). calibration: token ids for LRC's init 'pca'
-    (calibration_tokens); without them the model is built to load a checkpoint's weights into."""
+    (calibration_tokens). load: LRC's projections are left uninitialised, for a checkpoint's weights."""
     method = cfg["method"]
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
@@ -164,15 +171,36 @@ def build_model(cfg, device, dtype, calibration=None):
             return LowRankClone(teacher, cfg["d_student"], clone_terms=terms, alpha=cfg["alpha"],
                                 temperature=cfg["temperature"], kl_reduction=cfg["kl_reduction"],
                                 alignment=cfg["alignment"], init_std=cfg["init_std"],
-                                init="normal" if cfg["init"] == "pca" and calibration is None else cfg["init"],
+                                init=None if load else cfg["init"],
                                 calibration=calibration, clone_norm=cfg["clone_norm"],
                                 clone_skip=cfg["clone_skip"], checkpoint_layers=cfg["checkpoint"])
 
 
 def calibration_tokens(cfg, device, windows=32):
     """Train windows for init 'pca', the same on every rank (rank 0's first micro-batches of step 0)."""
-    b = Batches(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], seed=cfg["seed"], device=device)
+    b = Batches(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], seed=cfg["seed"], device=device,
+                sampling=cfg["sampling"])
     return torch.cat([b.get_batch("train", 0, m)[0] for m in range(-(-windows // cfg["batch_size"]))])
+
+
+def resolve_batch(cfg, world):
+    """(cfg with grad_accum and max_steps derived from the token budget, tokens per step). With tokens_per_step
+    and max_tokens a recipe trains the same global batch and the same tokens on any number of ranks."""
+    for key in ("batch_size", "block_size", "grad_accum", "max_steps"):
+        if cfg[key] < 1:
+            raise ValueError(f"{key} must be at least 1, got {cfg[key]}")
+    cfg = dict(cfg)
+    per_micro = cfg["batch_size"] * cfg["block_size"] * world  # one micro-batch on every rank
+    if cfg["tokens_per_step"] > 0:
+        if cfg["tokens_per_step"] % per_micro:
+            raise ValueError(f"tokens_per_step {cfg['tokens_per_step']:,} is not a multiple of batch_size x "
+                             f"block_size x ranks = {cfg['batch_size']} x {cfg['block_size']} x {world}: choose a "
+                             "batch_size or a number of processes that divides it")
+        cfg["grad_accum"] = cfg["tokens_per_step"] // per_micro
+    tokens_per_step = per_micro * cfg["grad_accum"]
+    if cfg["max_tokens"] > 0:
+        cfg["max_steps"] = max(1, cfg["max_tokens"] // tokens_per_step)
+    return cfg, tokens_per_step
 
 
 def all_reduce_mean(tensors, world):
@@ -185,13 +213,35 @@ def all_reduce_mean(tensors, world):
         t.copy_(v.view_as(t))
 
 
+def stop_everywhere(stop: bool, device) -> bool:
+    """True on every rank if it is True on any: each rank reads its own clock, and all ranks must enter the
+    same collective next (an evaluation's or the gradients' all-reduce), or the run hangs."""
+    if not dist.is_initialized():
+        return stop
+    flag = torch.tensor([float(stop)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def make_optimizer(model, cfg):
-    """Adam over every trainable parameter; RMSNorm weights in a group of their own (lr * norm_lr_mult)."""
+    """Adam over every trainable parameter; RMSNorm weights in a group of their own (lr * norm_lr_mult).
+    zero: each rank keeps the Adam state of its shard of the parameters only and broadcasts its updated
+    shard (ZeroRedundancyOptimizer), for when replicated state does not fit."""
     norms = {id(p) for m in model.modules() if isinstance(m, RMSNorm) for p in m.parameters()}
     groups = [{"params": [p for p in model.parameters() if id(p) not in norms], "lr_mult": 1.0},
               {"params": [p for p in model.parameters() if id(p) in norms], "lr_mult": cfg["norm_lr_mult"]}]
-    return torch.optim.Adam(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
-                            weight_decay=cfg["weight_decay"])
+    adam = dict(lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), weight_decay=cfg["weight_decay"])
+    if cfg["zero"] and dist.is_initialized():
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.Adam, **adam)
+    return torch.optim.Adam(groups, **adam)
+
+
+def optimizer_state(optimizer):
+    """The whole optimizer state on rank 0, None elsewhere. A sharded (zero) optimizer gathers it first:
+    a collective, so every rank calls this."""
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer.consolidate_state_dict(to=0)
+    return optimizer.state_dict() if not dist.is_initialized() or dist.get_rank() == 0 else None
 
 
 def lr_at(step, cfg):
@@ -232,30 +282,51 @@ def xy(batch):
 @torch.no_grad()
 def evaluate(model, batches, n_batches, autocast):
     """Student and teacher val LM loss, per-token KL(teacher || student) at T=1, top-1 agreement;
-    without a teacher (lm, sft) the val loss alone."""
+    without a teacher (lm, sft) the val loss alone. Logits are formed a chunk of tokens at a time
+    (lrc.head_chunk), never as whole [B, T, V] tensors."""
     student, teacher = model.student(), model.teacher
-    sums = torch.zeros(4 if teacher is not None else 1)
+    sums = None
     for k in batches.eval_steps(n_batches):
         x, y = xy(batches.get_batch("val", k))
         with autocast:
-            s_logits = student(x)[0]
-            t_logits = teacher(x)[0] if teacher is not None else None
-        if teacher is None:
-            sums += F.cross_entropy(s_logits.float().flatten(0, 1), y.flatten()).cpu()
-            continue
-        kl, s_loss = distill_losses(s_logits, t_logits, y, 1.0, "token")
-        t_loss = F.cross_entropy(t_logits.float().flatten(0, 1), y.flatten())
-        agree = (s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean()
-        sums += torch.stack([s_loss, t_loss, kl, agree]).cpu()
+            h_s = student.hidden(x).flatten(0, 1)  # (B*T, d_S)
+            h_t, w_t = (teacher.hidden(x).flatten(0, 1), teacher.lm_head.weight) if teacher is not None else (None, None)
+            s = val_sums(h_s, student.lm_head.weight, h_t, w_t, y.flatten())
+        sums = s if sums is None else sums + s
+    if sums is None:  # more ranks than val batches: this rank evaluated none
+        sums = torch.zeros(6 if teacher is not None else 2, device=batches.device)
     if dist.is_initialized():
         dist.all_reduce(sums)
-    sums /= n_batches
-    return dict(zip(("val_loss", "teacher_val_loss", "val_kl", "val_agreement"), sums.tolist()))
+    if teacher is None:
+        return {"val_loss": (sums[0] / sums[1]).item()}
+    nll_s, nll_t, kl, agree, n_valid, n = sums.tolist()
+    return {"val_loss": nll_s / n_valid, "teacher_val_loss": nll_t / n_valid, "val_kl": kl / n, "val_agreement": agree / n}
 
 
-def save_checkpoint(path, model, optimizer, step, cfg):
+def val_sums(h_s, w_s, h_t, w_t, y):
+    """Sums over tokens, in fp32, chunk by chunk: student NLL, [teacher NLL, KL(p_T || p_S), top-1 agreement,]
+    targets counted (y != -100), [tokens]."""
+    out = []
+    for i in range(0, len(y), head_chunk(w_s.shape[0], y.device)):
+        j = i + head_chunk(w_s.shape[0], y.device)
+        z_s = (h_s[i:j] @ w_s.T).float()  # (chunk, V)
+        nll_s = F.cross_entropy(z_s, y[i:j], ignore_index=-100, reduction="sum")
+        n_valid = (y[i:j] != -100).sum().float()
+        if h_t is None:
+            out.append(torch.stack([nll_s, n_valid]))
+            continue
+        z_t = (h_t[i:j] @ w_t.T).float()  # (chunk, V)
+        nll_t = F.cross_entropy(z_t, y[i:j], ignore_index=-100, reduction="sum")
+        logp_s, logp_t = z_s.log_softmax(-1), z_t.log_softmax(-1)
+        kl = (logp_t.exp() * (logp_t - logp_s)).sum()
+        agree = (z_s.argmax(-1) == z_t.argmax(-1)).sum().float()
+        out.append(torch.stack([nll_s, nll_t, kl, agree, n_valid, z_s.new_tensor(float(len(z_s)))]))
+    return torch.stack(out).sum(0)
+
+
+def save_checkpoint(path, model, optimizer_state, step, cfg):
     """Write to a temporary file, then rename: a crash mid-write never replaces the last good checkpoint."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": cfg,
+    state = {"model": model.state_dict(), "optimizer": optimizer_state, "step": step, "config": cfg,
              "rng": torch.get_rng_state()}
     with open(path + ".tmp", "wb") as f:
         torch.save(state, f)
@@ -264,14 +335,16 @@ def save_checkpoint(path, model, optimizer, step, cfg):
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path, device="cpu"):
-    """The checkpoint dict of a training run (path: ckpt.pt or the out_dir holding it)."""
+def load_checkpoint(path):
+    """The checkpoint dict of a training run (path: ckpt.pt or the out_dir holding it), on the CPU: weights are
+    copied to the model's device by load_state_dict, the optimizer's state by its load_state_dict, and the RNG
+    state must be a CPU tensor. weights_only: a checkpoint from elsewhere can hold data, never code."""
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=device, weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); it is left as it is: "
                            "move it away and resume from an earlier copy, or start a new out_dir") from e
@@ -279,9 +352,9 @@ def load_checkpoint(path, device="cpu"):
 
 def load_student(path, device="cpu"):
     """The trained student as a model.Transformer, from a training checkpoint (teacher + projections)."""
-    ckpt = load_checkpoint(path, device)
+    ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
-    model = build_model(cfg, device, "float32")
+    model = build_model(cfg, device, "float32", load=True)
     model.load_state_dict(ckpt["model"])
     return model.student(), cfg
 
@@ -289,9 +362,39 @@ def load_student(path, device="cpu"):
 # -----------------------------------------------------------------------------
 # the loop
 
+def train_step(raw, fwd, optimizer, batches, step, cfg, world, autocast):
+    """One optimizer step: grad_accum micro-batches, gradients averaged over ranks, clipped, Adam.
+    LRC generates the student's weights once for all micro-batches (accumulate), so gradients reach the
+    projections, and are averaged over ranks, once per step. Returns (lr, mean loss parts, grad norm)."""
+    lr = lr_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_mult"]
+    parts_sum = {}
+    with autocast, raw.accumulate():
+        for micro in range(cfg["grad_accum"]):
+            x, y = xy(batches.get_batch("train", step, micro))  # SFT: targets -100 outside the loss mask
+            loss, parts = fwd(x, y)
+            (loss / cfg["grad_accum"]).backward()
+            for k, v in {"loss": loss.detach(), **parts}.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v.float() / cfg["grad_accum"]
+    if world > 1:  # mean over ranks of the gradients and the losses (the log shows the global batch,
+        parts = torch.stack(list(parts_sum.values()))  # and a NaN on any rank stops every rank)
+        all_reduce_mean([p.grad for p in raw.parameters() if p.grad is not None] + [parts], world)
+        parts_sum = dict(zip(parts_sum, parts))
+    if not all(torch.isfinite(v) for v in parts_sum.values()):
+        bad = {k: v.item() for k, v in parts_sum.items() if not torch.isfinite(v)}
+        raise FloatingPointError(f"step {step}: non-finite loss {bad}; stopped without saving, the last good "
+                                 f"checkpoint in {cfg['out_dir']} is untouched: resume with a lower lr")
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, parts_sum, grad_norm
+
+
 def train(cfg):
     device, dtype = resolve_system(cfg)
     rank, local_rank, world, device = setup_distributed(device)
+    cfg, tokens_per_step = resolve_batch(cfg, world)
     master = rank == 0
     torch.manual_seed(cfg["seed"])  # same initial projections on every rank
     device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -303,9 +406,9 @@ def train(cfg):
     tokenizer = load_tokenizer(tokenizer_dir(cfg))
     check_compatible(cfg["data_dir"], tokenizer, cfg["block_size"])
     batches = Batches(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], seed=cfg["seed"], rank=rank,
-                      world_size=world, device=device)
+                      world_size=world, device=device, sampling=cfg["sampling"], grad_accum=cfg["grad_accum"])
     pca = cfg["method"] == "lrc" and cfg["init"] == "pca" and not cfg["resume"]  # resume: weights from ckpt.pt
-    model = build_model(cfg, device, dtype, calibration_tokens(cfg, device) if pca else None)
+    model = build_model(cfg, device, dtype, calibration_tokens(cfg, device) if pca else None, load=cfg["resume"])
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
                          f"{model.config.vocab_size} rows: tokenizer and weights do not belong together")
@@ -319,11 +422,11 @@ def train(cfg):
         raise ValueError(f"{ckpt_path} exists: pass --resume=True to continue that run, or choose another "
                          "out_dir (a new run never overwrites a checkpoint)")
     if cfg["resume"]:
-        ckpt = load_checkpoint(ckpt_path, device)
+        ckpt = load_checkpoint(ckpt_path)
         changed = {k: (ckpt["config"].get(k), v) for k, v in cfg.items()
                    if ckpt["config"].get(k) != v and k != "resume"}
         for k in ("teacher", "method", "d_student", "clone_terms", "alignment", "student_config", "init_from",
-                  "data_dir", "seed"):
+                  "data_dir", "seed", "sampling"):
             if k in changed:
                 raise ValueError(f"--resume: {k} was {changed[k][0]!r} in the checkpoint, now {changed[k][1]!r}")
         model.load_state_dict(ckpt["model"])
@@ -337,12 +440,12 @@ def train(cfg):
             dist.broadcast(p.data, 0)
     fwd = torch.compile(model) if cfg["compile"] else model
 
-    tokens_per_step = cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum"] * world
     flops_per_step = tokens_per_step * flops_per_token(raw, cfg["block_size"])
     log(f"nanoLRC | python {platform.python_version()} torch {torch.__version__} | {device} {dtype} "
         f"x{world} | {sum(p.numel() for p in raw.parameters()):,} trainable parameters")
     log("config: " + json.dumps(cfg))
-    log(f"{tokens_per_step:,} tokens per step, {tokens_per_step * cfg['max_steps']:,} in {cfg['max_steps']} steps")
+    log(f"{tokens_per_step:,} tokens per step ({world} ranks x {cfg['grad_accum']} micro-batches x "
+        f"{cfg['batch_size']} x {cfg['block_size']}), {tokens_per_step * cfg['max_steps']:,} in {cfg['max_steps']} steps")
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
     if master and step > 0 and os.path.exists(metrics_path):  # drop rows a killed run wrote past its checkpoint
         with open(metrics_path) as f:
@@ -359,7 +462,8 @@ def train(cfg):
     t_start, t_last, start_step = time.time(), time.time(), step
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master or not sys.stderr.isatty())
     while True:
-        out_of_time = cfg["max_minutes"] > 0 and time.time() - t_start > 60 * cfg["max_minutes"]
+        out_of_time = cfg["max_minutes"] > 0 and stop_everywhere(time.time() - t_start > 60 * cfg["max_minutes"],
+                                                                 device)
         last = step >= cfg["max_steps"] or out_of_time
         # stop_at acts like a preemption: save and exit, leaving this step's eval to the resumed run
         stop = not last and 0 < cfg["stop_at"] <= step
@@ -370,35 +474,14 @@ def train(cfg):
                 f"{ev['val_agreement']:.1%}" if "val_kl" in ev else "")) if master else None
             record({"step": step, "tokens": step * tokens_per_step, **ev})
         # not at the step the run started from: step 0 is untrained, and a resumed checkpoint is already on disk
-        if master and step > start_step and (step % cfg["ckpt_interval"] == 0 or last or stop):
-            save_checkpoint(ckpt_path, raw, optimizer, step, cfg)
+        if step > start_step and (step % cfg["ckpt_interval"] == 0 or last or stop):
+            state = optimizer_state(optimizer)  # every rank: a sharded optimizer gathers its state on rank 0
+            if master:
+                save_checkpoint(ckpt_path, raw, state, step, cfg)
         if last or stop:
             break
 
-        # one optimizer step: grad_accum micro-batches; LRC generates the student's weights once for all of
-        # them (accumulate), so gradients reach the projections, and are averaged over ranks, once per step
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_mult"]
-        parts_sum = {}
-        with autocast, raw.accumulate():
-            for micro in range(cfg["grad_accum"]):
-                x, y = xy(batches.get_batch("train", step, micro))  # SFT: targets -100 outside the loss mask
-                loss, parts = fwd(x, y)
-                (loss / cfg["grad_accum"]).backward()
-                for k, v in {"loss": loss.detach(), **parts}.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v.float() / cfg["grad_accum"]
-        if world > 1:  # mean over ranks of the gradients and the losses (the log shows the global batch,
-            parts = torch.stack(list(parts_sum.values()))  # and a NaN on any rank stops every rank)
-            all_reduce_mean([p.grad for p in raw.parameters() if p.grad is not None] + [parts], world)
-            parts_sum = dict(zip(parts_sum, parts))
-        if not all(torch.isfinite(v) for v in parts_sum.values()):
-            bad = {k: v.item() for k, v in parts_sum.items() if not torch.isfinite(v)}
-            raise FloatingPointError(f"step {step}: non-finite loss {bad}; stopped without saving, the last "
-                                     f"good checkpoint ({ckpt_path}) is untouched: resume with a lower lr")
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr, parts_sum, grad_norm = train_step(raw, fwd, optimizer, batches, step, cfg, world, autocast)
         step += 1
         bar.update(1)
 

@@ -218,7 +218,7 @@ def test_fused_head_equals_plain_losses(kl_reduction, monkeypatch):
     """The chunked head gives the plain computation's losses and gradients, over several chunks and with
     ignored targets, while never building whole [tokens, V] logits."""
     import lrc
-    monkeypatch.setattr(lrc, "HEAD_CHUNK_ELEMENTS", 5 * 300)  # chunks of 5 tokens: 4 full ones and a short one
+    monkeypatch.setitem(lrc.HEAD_CHUNK_ELEMENTS, "cpu", 5 * 300)  # chunks of 5 tokens: 4 full ones and a short one
     g = torch.Generator().manual_seed(0)
     B, T, dS, dT, V = 2, 11, 8, 12, 300
     h_s, w_s = torch.randn(B, T, dS, generator=g, requires_grad=True), torch.randn(V, dS, generator=g, requires_grad=True)
@@ -335,3 +335,29 @@ def test_pca_init_clones_a_teacher_whose_residual_stream_has_rank_d_student(name
     assert normal["kl"] > 0.1  # the check above is not trivially met
     with pytest.raises(ValueError, match="calibration"):
         LowRankClone(teacher, 24, init="pca")
+
+
+def test_bf16_accumulation_sums_in_fp32():
+    """Under bf16 autocast the micro-batch gradients of the step's generated weights add up in fp32 (as AMP sums
+    a parameter's): the accumulated leaf gradients equal the fp64 sum of each micro-batch's own, to fp32
+    precision. Summed in bf16 (8 bits of mantissa) they would be off by ~1e-2 relative."""
+    teacher = tiny_teacher("qwen2_tied_bias")
+    lrc = LowRankClone(teacher, 20, alpha=0.5)
+    with torch.no_grad():
+        for p in lrc.projections():
+            p.normal_(std=0.15)
+    micro = [batch(seed) for seed in range(1, 9)]
+
+    def leaf_grads(batches):
+        with torch.autocast("cpu", dtype=torch.bfloat16), lrc.accumulate():
+            for idx, tgt in batches:
+                lrc(idx, tgt)[0].backward()
+            grads = [leaf.grad.clone() for leaf in lrc.weights[0] if leaf.grad is not None]
+        lrc.zero_grad(set_to_none=True)
+        return grads
+    together = leaf_grads(micro)
+    assert together and all(g.dtype == torch.float32 for g in together)
+    one_by_one = [leaf_grads([m]) for m in micro]
+    for j, g in enumerate(together):
+        ref = sum(grads[j].double() for grads in one_by_one)
+        assert (g.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), j
