@@ -17,7 +17,8 @@ A source is PATH[:field=NAME][:budget=N][:filter=EXPR]:
   the tokenizer's chat template. budget: stop the source after the document that reaches N tokens (1.5M, 2B).
   filter: keep records where a numeric field passes a comparison, e.g. int_score>=4 (FineWeb-Edu in the paper).
 
-Training reads the bins through `Batches` (random windows, reproducible per step; see below).
+Training reads the bins through `Batches` (random windows or one pass in a seeded order, reproducible per
+step; see below).
 The tokenizer is tiktoken built from an HF model dir's tokenizer.json, so no `tokenizers` package is needed.
 """
 import argparse
@@ -454,7 +455,7 @@ def _batched(it, n):
 
 
 # -----------------------------------------------------------------------------
-# Loading: reproducible random windows from memory-mapped bins
+# Loading: reproducible windows (random, or one pass per epoch) from memory-mapped bins
 
 def check_compatible(data_dir, tokenizer, block_size=1):
     """meta.json of data_dir, after refusing data made by another tokenizer or too short for one block."""
@@ -482,20 +483,38 @@ def _check_lengths(meta, data_dir, block_size):
 class Batches:
     """
     Batches of [batch_size, block_size] windows: x = tokens, y = the next tokens, mask (if the data has one)
-    = 1 where y is a loss target. Train windows are random, drawn from an rng seeded by
-    (seed, step, micro_step * world_size + rank), the index of the micro-batch within the global batch:
-    a resumed run sees exactly the batches the uninterrupted run saw, DDP ranks see different ones, and
-    W ranks x A micro-batches see the same step as 1 rank x W*A micro-batches (DDP equivalence).
+    = 1 where y is a loss target. Every batch is a pure function of (step, micro_step, rank), so a resumed
+    run sees exactly the batches the uninterrupted run saw. Micro-batch micro_step of rank r is micro-batch
+    micro_step * world_size + r of the step's global batch: W ranks x A micro-batches see the same step as
+    1 rank x W*A micro-batches (DDP equivalence). Train windows come from one of two samplers:
+      sampling="random": windows start anywhere, drawn from an rng seeded by (seed, step, micro_step *
+        world_size + rank). Drawn with replacement, so a corpus-sized budget leaves ~1/e of the tokens unseen.
+      sampling="epoch": one pass over the packed data, as in the LRC paper. train.bin is cut into
+        n = windows_per_epoch non-overlapping windows (window i: x = tokens [i*T, i*T+T), y one token
+        later); the g-th sequence of the run is window perm_e[g % n] of epoch e = g // n, perm_e a
+        permutation seeded by (seed, e). Row b of a micro-batch (micro_step < grad_accum) is sequence
+        g = (step * world_size * grad_accum + micro_step * world_size + rank) * batch_size + b, so each
+        epoch visits every window exactly once, in an order that does not depend on the world size.
     Val batch k is the k-th run of consecutive non-overlapping windows from the start of val.bin, the same
     on every rank; under DDP let rank r evaluate k = r, r + world_size, ... (eval_steps).
     """
 
-    def __init__(self, data_dir, batch_size, block_size, seed=1337, rank=0, world_size=1, device="cpu"):
+    def __init__(self, data_dir, batch_size, block_size, seed=1337, rank=0, world_size=1, device="cpu",
+                 sampling="random", grad_accum=1):
+        if sampling not in ("random", "epoch"):
+            raise ValueError(f"sampling must be 'random' or 'epoch', not {sampling!r}")
         with open(os.path.join(data_dir, "meta.json")) as f:
             self.meta = json.load(f)
         _check_lengths(self.meta, data_dir, block_size)
         self.data_dir, self.B, self.T = data_dir, batch_size, block_size
         self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, torch.device(device)
+        self.sampling, self.grad_accum = sampling, grad_accum  # grad_accum: micro-batches per step per rank
+        self._epoch, self._order = None, None  # the permutation of the epoch last read (sampling="epoch")
+
+    @property
+    def windows_per_epoch(self):
+        """Non-overlapping train windows in train.bin: one epoch is this many sequences (sampling="epoch")."""
+        return (self.meta["tokens"]["train"] - 1) // self.T  # the last window needs one more token for y
 
     def _memmap(self, name, dtype):
         # a fresh memmap per batch: a long-lived one keeps every page it touched resident (nanoGPT's leak)
@@ -503,9 +522,11 @@ class Batches:
 
     def get_batch(self, split, step, micro_step=0):
         data, T = self._memmap(f"{split}.bin", np.uint32), self.T
-        if split == "train":
+        if split == "train" and self.sampling == "random":
             rng = np.random.default_rng([self.seed, step, micro_step * self.world_size + self.rank])
             starts = rng.integers(0, len(data) - T, size=self.B)
+        elif split == "train":
+            starts = self._epoch_windows(step, micro_step) * T
         else:
             n_windows = (len(data) - 1) // T
             starts = (step * self.B + np.arange(self.B)) % n_windows * T
@@ -518,6 +539,24 @@ class Batches:
         if self.device.type == "cuda":
             batch = [t.pin_memory().to(self.device, non_blocking=True) for t in batch]
         return tuple(batch)
+
+    def _epoch_windows(self, step, micro_step):
+        """Indices of this micro-batch's train windows under sampling="epoch" (see the class docstring)."""
+        per_step = self.world_size * self.grad_accum * self.B  # sequences in one global batch
+        g = step * per_step + (micro_step * self.world_size + self.rank) * self.B + np.arange(self.B)  # (B,)
+        epochs, i = np.divmod(g, self.windows_per_epoch)
+        windows = np.empty(self.B, np.int64)
+        for e in np.unique(epochs):  # a batch may straddle the end of an epoch
+            windows[epochs == e] = self._permutation(int(e))[i[epochs == e]]
+        return windows
+
+    def _permutation(self, epoch):
+        """The order in which epoch visits the windows. Kept until the next epoch: drawing it is O(n), and at
+        20B tokens / 2048 it is ~10M windows (80 MB of int64), too slow to draw for every batch."""
+        if self._epoch != epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.windows_per_epoch)
+            self._epoch = epoch
+        return self._order
 
     def eval_steps(self, n):
         """Which of the n fixed val batches this rank evaluates."""

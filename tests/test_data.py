@@ -318,6 +318,85 @@ def test_batches_deterministic(tmp_path, tiny_tok):
     assert b0.get_batch("val", 0)[0][0].tolist() == val[:8].tolist()
 
 
+def prepared_sft(tmp_path, tiny_tok):
+    out = str(tmp_path / "out")
+    prepare(tiny_tok, write_sources(tmp_path), out, val_fraction=0.3, seed=0, mask=True)
+    return out
+
+
+def raw_windows(out, T):
+    """Every non-overlapping train window as (x, y, mask) read straight from the bins, not through Batches."""
+    data = np.fromfile(os.path.join(out, "train.bin"), np.uint32).tolist()
+    mask = np.fromfile(os.path.join(out, "train_mask.bin"), np.uint8).astype(bool).tolist()
+    n = (len(data) - 1) // T
+    return [(tuple(data[i * T:i * T + T]), tuple(data[i * T + 1:i * T + T + 1]), tuple(mask[i * T + 1:i * T + T + 1]))
+            for i in range(n)]
+
+
+def global_rows(ranks, step, grad_accum):
+    """A step's global batch as (x, y, mask) rows in sequence order: micro-step, then rank, then row."""
+    rows = []
+    for micro in range(grad_accum):
+        for b in ranks:  # one Batches per rank
+            x, y, m = b.get_batch("train", step, micro)
+            rows += [(tuple(xr), tuple(yr), tuple(mr)) for xr, yr, mr in zip(x.tolist(), y.tolist(), m.tolist())]
+    return rows
+
+
+def epoch_batches(out, world, grad_accum, rank, batch_size=5):
+    return Batches(out, batch_size=batch_size, block_size=8, seed=7, rank=rank, world_size=world,
+                   sampling="epoch", grad_accum=grad_accum)
+
+
+def test_batches_epoch_visits_every_window_once(tmp_path, tiny_tok):
+    out = prepared_sft(tmp_path, tiny_tok)
+    windows = raw_windows(out, 8)
+    n = len(windows)
+    ranks = [epoch_batches(out, world=2, grad_accum=2, rank=r) for r in range(2)]  # 2 x 2 x 5 sequences a step
+    assert len(set(windows)) == n and n % 20  # distinct windows; a step straddles the end of the epoch
+    assert ranks[0].windows_per_epoch == n
+    rows = [row for step in range(-(-2 * n // 20)) for row in global_rows(ranks, step, grad_accum=2)]
+    first, second = rows[:n], rows[n:2 * n]
+    # x, y (x shifted by one) and the mask of y are each window's, and each window comes once an epoch
+    assert sorted(first) == sorted(windows) == sorted(second)
+    assert first != second  # every epoch draws a new order
+
+
+def test_batches_epoch_world_size_independent(tmp_path, tiny_tok):
+    out = prepared_sft(tmp_path, tiny_tok)
+    one = [epoch_batches(out, world=1, grad_accum=4, rank=0)]
+    two = [epoch_batches(out, world=2, grad_accum=2, rank=r) for r in range(2)]
+    assert one[0].windows_per_epoch < 4 * 20  # the steps below cross into the second epoch
+    for step in range(4):
+        assert global_rows(one, step, grad_accum=4) == global_rows(two, step, grad_accum=2)
+    # a fresh Batches (a resumed run) reads the same batch as one that walked the steps before it
+    for step, micro, rank in [(3, 1, 1), (0, 1, 0)]:
+        fresh = epoch_batches(out, world=2, grad_accum=2, rank=rank).get_batch("train", step, micro)
+        walked = two[rank].get_batch("train", step, micro)
+        assert all(torch.equal(a, b) for a, b in zip(fresh, walked))
+
+
+def test_batches_epoch_order_drawn_once_per_epoch(tmp_path, tiny_tok, monkeypatch):
+    out = prepared_sft(tmp_path, tiny_tok)
+    b = epoch_batches(out, world=1, grad_accum=1, rank=0, batch_size=2)
+    drawn, default_rng = [], np.random.default_rng
+    monkeypatch.setattr(np.random, "default_rng", lambda seed: drawn.append(seed) or default_rng(seed))
+    for step in range(b.windows_per_epoch // 2):
+        b.get_batch("train", step)
+    assert drawn == [[7, 0]]
+
+
+def test_batches_sampling_modes(tmp_path, tiny_tok):
+    out = prepared_sft(tmp_path, tiny_tok)
+    with pytest.raises(ValueError, match="sampling must be 'random' or 'epoch', not 'epochs'"):
+        Batches(out, batch_size=4, block_size=8, sampling="epochs")
+    # the default is the random sampler, bit for bit: starts drawn by the (seed, step, micro-batch) rng
+    data = np.fromfile(os.path.join(out, "train.bin"), np.uint32)
+    starts = np.random.default_rng([7, 3, 1 * 2 + 1]).integers(0, len(data) - 8, size=4)
+    b = Batches(out, batch_size=4, block_size=8, seed=7, rank=1, world_size=2, grad_accum=3)
+    assert b.get_batch("train", step=3, micro_step=1)[0].tolist() == [data[i:i + 8].tolist() for i in starts]
+
+
 def test_cli(tmp_path, make_tokenizer_dir):
     (tmp_path / "a.txt").write_text("\n\n".join(DOCS))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
