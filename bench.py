@@ -4,6 +4,7 @@ Benchmarks that print tables (they are not tests). Machines are noisy: compare i
     python bench.py model [--teacher=HF_DIR] [--dtype=bfloat16]        # model.Transformer vs transformers
     python bench.py step [config.py ...] [--key=value ...] [--variants=fp32,bf16,bf16+compile] [--peak_tflops=X]
     python bench.py head [--vocab=151936 --tokens=2048 --d=1200 --d_teacher=2048]
+    python bench.py smoke [--device=cuda] [--out=out/smoke]              # run this first on a new cluster
 
 model  forward tokens/s (batch_size x block_size, no grad) and greedy generation tokens/s (batch 1, a random
        prompt of prompt_len tokens, new_tokens new ones, KV cache) of our model and of
@@ -18,16 +19,23 @@ step   one training step of a train.py config (default config/lrc_demo.py and th
        | permicro (LRC weights generated per micro-batch instead of once per step) on top of the config.
 head   the loss stage alone, plain (full logits h @ W.T, lrc.distill_losses, backward) vs fused (lrc.distill_head,
        backward): time and peak memory above the inputs, and the two's max |diff| in losses and gradients.
+smoke  every path that only a GPU takes, end to end as a user runs it, on a small random teacher (no download):
+       torchrun with nccl (1 process; 2 with 2+ GPUs, there with zero, epoch sampling and a wall-time stop),
+       bf16 autocast, torch.compile, evaluation, a checkpoint, a preemption and --resume, export, sample.py from
+       the export and from the checkpoint. One line per check, then 'smoke: all N checks passed' (exit 1 if not).
+       A few minutes on one GPU; on CPU (--device=cpu, gloo) it runs the same checks, slower.
 Peak memory is torch.cuda.max_memory_allocated on CUDA and the process's peak RSS on CPU (VmHWM, or ru_maxrss
 off Linux), so every variant and stage runs in a fresh process; a step's peak covers its whole run, warm-up and
 compilation included. MFU counts model FLOPs (teacher forward included) against the bf16 peak, for every variant.
 The options of each command (MODEL_OPTS, STEP_OPTS + train.DEFAULTS, HEAD_OPTS) are set as --key=value
 (configurator.py: unknown keys and wrong types are errors); device=auto picks cuda when available.
 """
+import json
 import multiprocessing
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -39,8 +47,9 @@ import torch
 import demo
 import train
 from configurator import ConfigError, configure_or_exit
+from data import bytes_to_unicode, load_tokenizer, prepare
 from lrc import distill_head, distill_losses
-from model import Transformer
+from model import ModelConfig, Transformer
 
 MODEL_OPTS = dict(teacher="", device="auto", dtype="float32", batch_size=8, block_size=256, prompt_len=16,
                   new_tokens=64, warmup=2, iters=5)
@@ -50,6 +59,7 @@ HEAD_OPTS = dict(vocab=151936, tokens=2048, d=1200, d_teacher=2048, temperature=
                  dtype="float32", warmup=0, iters=2, seed=0)
 VARIANTS = {"fp32": ("dtype", "float32"), "bf16": ("dtype", "bfloat16"), "compile": ("compile", True),
             "eager": ("compile", False), "ckpt": ("checkpoint", True), "permicro": ("one_pass", False)}
+SMOKE_OPTS = dict(out="out/smoke", device="auto", compile=True, nproc=0, steps=20)  # nproc 0: 2 if 2+ GPUs, else 1
 HEAD_RTOL = {"float32": 1e-3, "bfloat16": 5e-2}  # max |fused - plain| / max |plain| allowed per quantity
 
 
@@ -315,8 +325,107 @@ def bench_head(o):
         sys.exit(1)
 
 
+# -----------------------------------------------------------------------------
+# smoke: the GPU-only paths, end to end
+
+def write_byte_tokenizer(path):
+    """A byte-level tokenizer (256 bytes + ChatML specials, no merges; EOS <|im_end|> = 258) as HF files."""
+    os.makedirs(path, exist_ok=True)
+    vocab = {c: b for b, c in bytes_to_unicode().items()}
+    specials = [{"id": 256 + i, "content": t, "special": True, "single_word": False, "lstrip": False,
+                 "rstrip": False, "normalized": False} for i, t in enumerate(("<|endoftext|>", "<|im_start|>",
+                                                                              "<|im_end|>"))]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tokenizer = {"version": "1.0", "added_tokens": specials, "normalizer": None, "pre_tokenizer": byte_level,
+                 "post_processor": None, "decoder": byte_level,
+                 "model": {"type": "BPE", "vocab": vocab, "merges": [], "unk_token": None, "byte_fallback": False}}
+    with open(os.path.join(path, "tokenizer.json"), "w") as f:
+        json.dump(tokenizer, f)
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|im_end|>", "bos_token": None}, f)
+    return path
+
+
+def write_random_teacher(path, cfg: ModelConfig, device="cpu", dtype=torch.float32, seed=0):
+    """An HF dir with random weights of any shape (a real model's config.json, say) and the byte tokenizer."""
+    write_byte_tokenizer(path)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        Transformer(cfg).to(dtype).init_weights(0.05).save_pretrained(path, dtype=dtype)
+    return path
+
+
+def tiny_teacher_config(hidden=256, layers=4, heads=4, kv_heads=2, ffn=768):
+    """A small Qwen2 (q/k/v bias, tied) for the byte tokenizer: enough to exercise every path of the loop."""
+    return ModelConfig(model_type="qwen2", vocab_size=320, hidden_size=hidden, intermediate_size=ffn,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       head_dim=hidden // heads, attention_bias=True, tie_word_embeddings=True, eos_token_id=258)
+
+
+def smoke_corpus(out):
+    """This repository's own text (README, code) as the training corpus: English and code, always present."""
+    root, path = os.path.dirname(os.path.abspath(__file__)), os.path.join(out, "corpus.txt")
+    names = sorted(n for n in os.listdir(root) if n.endswith((".py", ".md")))
+    with open(path, "w") as f:
+        for name in names:
+            with open(os.path.join(root, name)) as src:
+                f.write(src.read() + "\n\n")
+    return path
+
+
+def bench_smoke(o):
+    device = pick_device(o["device"])
+    gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+    nproc = o["nproc"] or (2 if gpus >= 2 else 1)
+    out, root = os.path.abspath(o["out"]), os.path.dirname(os.path.abspath(__file__))
+    if os.path.exists(out):
+        sys.exit(f"error: {out} exists: remove it or choose another --out")
+    teacher = write_random_teacher(os.path.join(out, "teacher"), tiny_teacher_config())
+    data = os.path.join(out, "data")
+    prepare(load_tokenizer(teacher), [{"path": smoke_corpus(out)}], data, val_fraction=0.05)
+    n, half = o["steps"], o["steps"] // 2
+    common = [f"--teacher={teacher}", f"--data_dir={data}", f"--device={device}", "--dtype=bfloat16",
+              "--d_student=128", "--batch_size=4", "--block_size=128", "--tokens_per_step=1024",
+              f"--max_steps={n}", f"--eval_interval={half}", "--eval_batches=2", "--log_interval=5",
+              f"--ckpt_interval={half}", f"--compile={o['compile']}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    run_dir, zero_dir = os.path.join(out, "run"), os.path.join(out, "zero")
+    checks = [
+        ("torchrun x1: compile, bf16, eval, checkpoint, preemption", [*torchrun, "--nproc_per_node=1", "train.py",
+         *common, f"--out_dir={run_dir}", f"--stop_at={half}"], f"stopped at step {half}"),
+        ("torchrun x1: --resume, eval, export", [*torchrun, "--nproc_per_node=1", "train.py", *common,
+         f"--out_dir={run_dir}", "--resume=True"], f"exported the student to {run_dir}/student after {n} steps"),
+        ("sample.py from the exported student", [sys.executable, "sample.py", f"--model={run_dir}/student",
+         "--prompt=def ", "--max_new_tokens=16", "--temperature=0", f"--device={device}"], "def "),
+        ("sample.py from the checkpoint", [sys.executable, "sample.py", f"--model={run_dir}/ckpt.pt",
+         "--prompt=def ", "--max_new_tokens=16", "--temperature=0", f"--device={device}"], "def "),
+    ]
+    if nproc >= 2:
+        checks.append((f"torchrun x{nproc}: zero, epoch sampling, wall-time stop, export", [
+            *torchrun, f"--nproc_per_node={nproc}", "train.py", *common, f"--out_dir={zero_dir}", "--zero=True",
+            "--sampling=epoch", "--max_minutes=0.5", "--max_steps=100000"], "exported the student"))
+    print(f"smoke | {system(device)} | {nproc} process(es) | {out}")
+    failed = 0
+    for name, cmd, expect in checks:
+        t0 = time.time()
+        r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+        ok = r.returncode == 0 and expect in r.stdout
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {time.time() - t0:6.1f} s  {name}")
+        last = [line for line in r.stdout.splitlines() if line.startswith("step ")][-1:]
+        print("\n".join(f"       {line}" for line in last))
+        if not ok:
+            print(f"       $ {' '.join(cmd)}\n" + "\n".join("       " + line for line in
+                                                        (r.stdout + r.stderr).splitlines()[-25:]))
+    print(f"smoke: {'all' if not failed else failed} {'' if not failed else 'of '}{len(checks)} checks "
+          f"{'passed' if not failed else 'FAILED'}")
+    sys.exit(1 if failed else 0)
+
+
 if __name__ == "__main__":
-    commands = {"model": (MODEL_OPTS, bench_model), "head": (HEAD_OPTS, bench_head), "step": (None, bench_step)}
+    commands = {"model": (MODEL_OPTS, bench_model), "head": (HEAD_OPTS, bench_head), "step": (None, bench_step),
+                "smoke": (SMOKE_OPTS, bench_smoke)}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         sys.exit(__doc__)
     opts, fn = commands[sys.argv[1]]

@@ -60,7 +60,7 @@ class LowRankClone(nn.Module):
         # clone_skip leaves the first positions of each window (the attention sink) out of the clone loss.
         self.clone_norm, self.clone_skip = clone_norm, clone_skip
         self.checkpoint_layers = checkpoint_layers  # activation checkpointing per (teacher, student) layer pair
-        self.weights = None  # inside accumulate(): the step's generated weights as fp32 leaves (step_weights)
+        self.weights, self.grad_sums = None, None  # inside accumulate(): the step's weights, their gradient sums
         # Same depth, heads, head_dim, FFN width, vocabulary and RoPE; only the residual width shrinks.
         self.config = dataclasses.replace(tc, hidden_size=d_student)
         with torch.device("meta"):  # the student's architecture only; its weights are generated (Eq. 1)
@@ -186,36 +186,43 @@ class LowRankClone(nn.Module):
     @contextmanager
     def accumulate(self):
         """One projection pass per optimizer step. Inside, every forward uses the same generated student
-        weights, as leaves where backward stops; on exit their accumulated gradients flow into the
-        projections once, instead of once per micro-batch. Exact, not an approximation: W_S is linear in
-        P, so sum_m dL_m/dP = J^T (sum_m dL_m/dW_S). The leaves are fp32 even under bf16 autocast, so the
-        micro-batch gradients are summed in fp32 as AMP sums a parameter's; each forward reads them cast to
-        the dtype they were generated in (step_weights), so the forward itself is the same."""
-        flat, spec = tree_flatten(self.generate())
-        leaves = [w.detach().float().requires_grad_(w.requires_grad) for w in flat]
-        self.weights = (leaves, [w.dtype for w in flat], spec)
+        weights (self.weights, read by forward), as leaves where backward stops; on exit their summed
+        gradients flow into the projections once, instead of once per micro-batch. Exact, not an
+        approximation: W_S is linear in P, so sum_m dL_m/dP = J^T (sum_m dL_m/dW_S). Memory: the leaves are
+        made without a graph, which is rebuilt by generating the weights again on exit (a few GEMMs), and each
+        micro-batch's gradient is added into a sum kept in fp32 from the second micro-batch on, as AMP sums a
+        parameter's: under bf16 autocast the leaves are bf16, and bf16 sums would lose the small updates."""
+        with torch.no_grad():
+            flat, spec = tree_flatten(self.generate())
+        frozen = {id(p) for p in self.teacher.parameters()}  # Qwen2's q/k/v biases: the teacher's own tensors
+        leaves = [w if id(w) in frozen else w.detach().requires_grad_() for w in flat]
+        self.grad_sums = [None] * len(leaves)
+
+        def add_grad(i, leaf):
+            total = self.grad_sums[i]
+            self.grad_sums[i] = leaf.grad if total is None else total.float().add_(leaf.grad)
+            leaf.grad = None
+        hooks = [leaf.register_post_accumulate_grad_hook(lambda leaf, i=i: add_grad(i, leaf))
+                 for i, leaf in enumerate(leaves) if leaf.requires_grad]
+        self.weights = tree_unflatten(leaves, spec)
         try:
             yield
         finally:
             self.weights = None
-        done = [(w, leaf.grad.to(w.dtype)) for w, leaf in zip(flat, leaves) if leaf.grad is not None]
-        torch.autograd.backward([w for w, _ in done], [g for _, g in done])
-
-    def step_weights(self) -> dict:
-        """The student's weights for a forward: inside accumulate(), the step's fp32 leaves (self.weights, set
-        there) cast back to their generated dtype (a differentiable cast: gradients reach the leaves in fp32);
-        outside it, generated afresh."""
-        if self.weights is None:
-            return self.generate()
-        leaves, dtypes, spec = self.weights
-        return tree_unflatten([leaf.to(dtype) for leaf, dtype in zip(leaves, dtypes)], spec)
+            for h in hooks:
+                h.remove()
+        flat, _ = tree_flatten(self.generate())  # the same weights again, now with the graph into P
+        done = [(w, g.to(w.dtype)) for w, g in zip(flat, self.grad_sums) if g is not None]
+        self.grad_sums = None
+        if done:
+            torch.autograd.backward([w for w, _ in done], [g for _, g in done])
 
     # -- 2.-4. interleaved forward and the losses -----------------------------------------------
     def forward(self, idx, targets):
         """Returns (loss, parts). Teacher and student advance one layer at a time, and each teacher
         layer's activations become clone-loss terms at once, so only one layer's are ever alive."""
         teacher, B, T = self.teacher, *idx.shape
-        w = self.step_weights()
+        w = self.weights if self.weights is not None else self.generate()
         cos, sin = rope_cos_sin(teacher.inv_freq, 0, T)
         with torch.no_grad():
             h_t = teacher.embed_tokens(idx)  # (B, T, d_T)
@@ -303,9 +310,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Mean squared error in fp32. Written out rather than F.mse_loss, which would keep the teacher
-    tensor alive for backward; here only the difference is saved."""
-    return (s.float() - t.float()).square().mean()
+    """Mean squared error, averaged in fp32. Written out rather than F.mse_loss, which would keep the teacher
+    tensor alive for backward; here only the difference is saved, in the activations' dtype (bf16 under
+    autocast: half the memory of an fp32 copy, for 7 terms x every layer)."""
+    return (s - t.to(s.dtype)).square().mean(dtype=torch.float32)
 
 
 # Token chunk of the loss head: chunk x vocab elements per [tokens, V] fp32 buffer. CPU: 64 MB, cache-sized

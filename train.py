@@ -494,10 +494,11 @@ def train(cfg):
             row = {"step": step, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tps, "mfu": mfu,
                    **{k: v.item() for k, v in parts_sum.items()}}
             record(row)
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else 0
             bar.write(f"step {step} | loss {row['loss']:.4f} | " +
                       " ".join(f"{k} {row[k]:.4g}" for k in ("kl", "lm", "clone") if k in row) +
                       f" | lr {lr:.2e} | {tps:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu == mfu else "") +
-                      f" | ETA {eta / 60:.1f} min")
+                      (f" | peak mem {mem:.1f} GiB" if mem else "") + f" | ETA {eta / 60:.1f} min")
     bar.close()
     if stop:
         log(f"stopped at step {step} (stop_at): {ckpt_path} saved; continue with --resume=True")

@@ -9,10 +9,10 @@ out_dir = "out/lrc_llama"
 d_student = 1536
 alpha = 0.2
 block_size = 2048
-batch_size = 3  # x 8 GPUs x grad_accum 1 = 24 sequences = 49,152 tokens per step (paper)
-grad_accum = 1
-_gpus = 8
-max_steps = 10_000_000_000 // (batch_size * block_size * grad_accum * _gpus)  # 10B tokens: 203,450 steps
+batch_size = 3  # sequences per micro-batch per GPU; grad_accum follows from tokens_per_step and the GPU count
+tokens_per_step = 49_152  # 24 sequences of 2048 (paper): 8 GPUs x 3 x 1 micro-batch, 4 GPUs x 3 x 2, ...
+max_tokens = 10_000_000_000  # 10B tokens: 203,450 steps, whatever the number of GPUs
+sampling = "epoch"  # one pass over the packed data, as the paper trains
 lr = 1e-4
 eval_interval = 2000
 eval_batches = 20

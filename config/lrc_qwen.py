@@ -9,10 +9,10 @@ out_dir = "out/lrc_qwen"
 d_student = 1200
 alpha = 0.5
 block_size = 2048
-batch_size = 2  # x 8 GPUs x grad_accum 1 = 16 sequences = 32,768 tokens per step (paper)
-grad_accum = 1
-_gpus = 8
-max_steps = 20_000_000_000 // (batch_size * block_size * grad_accum * _gpus)  # 20B tokens: 610,351 steps
+batch_size = 2  # sequences per micro-batch per GPU; grad_accum follows from tokens_per_step and the GPU count
+tokens_per_step = 32_768  # 16 sequences of 2048 (paper): 8 GPUs x 2 x 1 micro-batch, 4 GPUs x 2 x 2, ...
+max_tokens = 20_000_000_000  # 20B tokens: 610,351 steps, whatever the number of GPUs
+sampling = "epoch"  # one pass over the packed data, as the paper trains
 lr = 6.7e-5
 eval_interval = 2000
 eval_batches = 20

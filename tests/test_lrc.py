@@ -339,7 +339,7 @@ def test_pca_init_clones_a_teacher_whose_residual_stream_has_rank_d_student(name
 
 def test_bf16_accumulation_sums_in_fp32():
     """Under bf16 autocast the micro-batch gradients of the step's generated weights add up in fp32 (as AMP sums
-    a parameter's): the accumulated leaf gradients equal the fp64 sum of each micro-batch's own, to fp32
+    a parameter's): the accumulated gradient sums equal the fp64 sum of each micro-batch's own, to fp32
     precision. Summed in bf16 (8 bits of mantissa) they would be off by ~1e-2 relative."""
     teacher = tiny_teacher("qwen2_tied_bias")
     lrc = LowRankClone(teacher, 20, alpha=0.5)
@@ -348,16 +348,16 @@ def test_bf16_accumulation_sums_in_fp32():
             p.normal_(std=0.15)
     micro = [batch(seed) for seed in range(1, 9)]
 
-    def leaf_grads(batches):
+    def grad_sums(batches):
         with torch.autocast("cpu", dtype=torch.bfloat16), lrc.accumulate():
             for idx, tgt in batches:
                 lrc(idx, tgt)[0].backward()
-            grads = [leaf.grad.clone() for leaf in lrc.weights[0] if leaf.grad is not None]
+            sums = [g.clone() for g in lrc.grad_sums if g is not None]
         lrc.zero_grad(set_to_none=True)
-        return grads
-    together = leaf_grads(micro)
+        return sums
+    together = grad_sums(micro)
     assert together and all(g.dtype == torch.float32 for g in together)
-    one_by_one = [leaf_grads([m]) for m in micro]
+    one_by_one = [grad_sums([m]) for m in micro]
     for j, g in enumerate(together):
         ref = sum(grads[j].double() for grads in one_by_one)
         assert (g.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), j
