@@ -24,6 +24,7 @@ compilation included. MFU counts model FLOPs (teacher forward included) against 
 The options of each command (MODEL_OPTS, STEP_OPTS + train.DEFAULTS, HEAD_OPTS) are set as --key=value
 (configurator.py: unknown keys and wrong types are errors); device=auto picks cuda when available.
 """
+import contextlib
 import multiprocessing
 import os
 import platform
@@ -573,11 +574,25 @@ def module_to_in_place(to):
     return module_to
 
 
+COLLECTIVES = ("all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+               "reduce_scatter_tensor", "all_to_all_single", "send", "recv")
+
+
+def on_device_only(collective, device):
+    """A collective that refuses tensors on another device than the run's, with nccl's message. (The fake process
+    group does it for 'cuda:fake'; on the stand-in device it accepts CPU tensors, so the check is made here.)"""
+    def checked(*args, **kwargs):
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != device:
+                raise RuntimeError(f"No backend type associated with device type {t.device.type}")
+        return collective(*args, **kwargs)
+    return checked
+
+
 def dry_run(cfg, world):
     """step_and_eval on fake tensors of the fake GPU device, with a fake process group of `world` ranks (this is
     rank 0): collectives check their tensors' device as nccl does, and move no data."""
     import torch.distributed as dist
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
     setup_fake_device()
     if dist.is_initialized():
@@ -585,14 +600,23 @@ def dry_run(cfg, world):
     if world > 1:
         dist.init_process_group(f"{FAKE_DEVICE}:fake", store=FakeStore(), rank=0, world_size=world)
     try:
-        gpu = FakeGPU(FAKE_DEVICE)
-        with patch.object(Transformer, "from_pretrained", classmethod(from_config_json)), \
-                patch.object(torch.nn.Module, "to", module_to_in_place(torch.nn.Module.to)), \
-                FakeTensorMode(), gpu, LiveBytes() as mem:
-            return step_and_eval(cfg, world, FAKE_DEVICE, mem, hooks=[gpu.clear_cache])
+        with contextlib.ExitStack() as stack:
+            for name in COLLECTIVES:
+                stack.enter_context(patch.object(dist, name, on_device_only(getattr(dist, name), FAKE_DEVICE)))
+            return fake_run(cfg, world, FAKE_DEVICE)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def fake_run(cfg, world, device):
+    """step_and_eval on fake tensors of device, the teacher built from its config.json alone."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    gpu = FakeGPU(device)
+    with patch.object(Transformer, "from_pretrained", classmethod(from_config_json)), \
+            patch.object(torch.nn.Module, "to", module_to_in_place(torch.nn.Module.to)), \
+            FakeTensorMode(), gpu, LiveBytes() as mem:
+        return step_and_eval(cfg, world, device, mem, hooks=[gpu.clear_cache])
 
 
 def measured_cpu(cfg):
@@ -603,10 +627,7 @@ def measured_cpu(cfg):
     base = mem_mark("cpu")
     step_and_eval(cfg, 1, "cpu", LiveBytes())
     measured = mem_peak("cpu") - base
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    with FakeTensorMode(), LiveBytes() as mem:
-        predicted = step_and_eval(cfg, 1, "cpu", mem)["peak"]
-    return {"measured": measured, "predicted": predicted}
+    return {"measured": measured, "predicted": fake_run(cfg, 1, "cpu")["peak"]}
 
 
 
