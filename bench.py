@@ -675,17 +675,6 @@ def bench_memory(argv):
     print(f"predicted peak per GPU: {r['peak'] / 2**30:.2f} GiB")
     return r
 
-
-def memory_table(argv):
-    """A table of the predicted peak per GPU with and without zero (used for the README)."""
-    rows = []
-    for z in (False, True):
-        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-            r = bench_memory([*argv, f"--zero={z}"])
-        rows.append([f"zero {z}", f"{r['peak'] / 2**30:.2f}", f"{r['adam'] / 2**30:.2f}"])
-    print_table(["", "peak GiB", "Adam GiB"], rows)
-
-
 if __name__ == "__main__":
     commands = {"model": (MODEL_OPTS, bench_model), "head": (HEAD_OPTS, bench_head), "step": (None, bench_step),
                 "memory": (None, bench_memory)}
