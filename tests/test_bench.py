@@ -1,5 +1,6 @@
 """bench.py runs end to end on tiny sizes and its checks pass (the numbers themselves are not tested)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -44,3 +45,40 @@ def test_model_against_transformers(tiny_teacher):
                 "--warmup=0", "--iters=1")
     assert "ours/theirs" in out and "forward tok/s (2x16)" in out and "generate tok/s (batch 1, 8 new)" in out
     assert "greedy tokens identical for the first 8/8" in out, out
+
+
+# -- memory: the dry run at the real shapes --------------------------------------------------------
+
+@pytest.mark.parametrize("recipe", ["config/lrc_qwen.py", "config/lrc_llama.py", "config/lrc_qwen_4b.py"])
+def test_memory_dry_run_of_the_paper_recipes(recipe):
+    out = bench("memory", recipe)
+    assert "Adam state" in out and "loss head" in out and "TFLOP per step" in out, out
+    assert re.fullmatch(r"predicted peak per GPU: \d+\.\d{1,2} GiB", out.splitlines()[-1]), out
+
+
+def test_memory_fails_on_a_collective_given_a_cpu_tensor(tiny_teacher):
+    """A gradient all-reduce whose buffer is made on the CPU (a GPU-only bug) stops the dry run."""
+    code = ("import sys, torch, torch.distributed as dist, bench, train\n"
+            "train.all_reduce_mean = lambda tensors, world: dist.all_reduce(torch.zeros(len(tensors)))\n"
+            f"bench.bench_memory(['config/tiny.py', '--teacher={tiny_teacher}', '--world_size=2'])\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "a collective received a tensor on another device" in r.stderr, r.stderr[-2000:]
+
+
+def test_memory_model_matches_a_real_cpu_run(tmp_path):
+    """LiveBytes on fake tensors predicts the peak RSS of the same step + evaluation run for real on the CPU
+    (a teacher big enough that tensors dominate the process's memory), within 15%."""
+    import torch
+    import bench as bench_mod
+    import train
+    from model import ModelConfig, Transformer
+    cfg = ModelConfig(model_type="qwen2", vocab_size=16384, hidden_size=512, intermediate_size=1536,
+                      num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                      attention_bias=True, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    Transformer(cfg).init_weights(0.02).save_pretrained(str(tmp_path))
+    run = {**train.DEFAULTS, "teacher": str(tmp_path), "d_student": 256, "batch_size": 4, "block_size": 256,
+           "device": "cpu", "dtype": "float32", "eval_batches": 1}
+    r = bench_mod.in_fresh_process(bench_mod.measured_cpu, run)
+    print(f"predicted {r['predicted'] / 2**20:.1f} MiB, measured {r['measured'] / 2**20:.1f} MiB")
+    assert abs(r["predicted"] / r["measured"] - 1) < 0.15, r
