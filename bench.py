@@ -445,7 +445,8 @@ AUTOCAST_LOW = {F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matm
                 torch.mm, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.addmm, torch.baddbmm}
 AUTOCAST_FP32 = {F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax, torch.log_softmax,
                  torch.Tensor.log_softmax, F.cross_entropy, torch.logsumexp, torch.Tensor.logsumexp, torch.exp,
-                 torch.Tensor.exp, torch.pow, torch.Tensor.pow, torch.rsqrt, torch.Tensor.rsqrt}
+                 torch.Tensor.exp, torch.pow, torch.Tensor.pow, torch.square, torch.Tensor.square, torch.rsqrt,
+                 torch.Tensor.rsqrt}  # square: CUDA autocast sees it as pow
 
 
 def setup_fake_device():
@@ -667,7 +668,7 @@ def step_and_eval(cfg, world, device, mem, hooks=None):
             "trainable": sizes(model.parameters()), "n_trainable": sum(p.numel() for p in model.parameters()),
             "adam": sizes(t for s in state.values() for t in s.values() if isinstance(t, torch.Tensor)),
             "flops_per_token": train.flops_per_token(model, cfg["block_size"]), "dtype": dtype,
-            "zero": isinstance(optimizer, train.ZeroRedundancyOptimizer)}
+            "zero": hasattr(optimizer, "consolidate_state_dict")}
 
 
 def module_to_in_place(to):

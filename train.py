@@ -25,7 +25,6 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from tqdm import tqdm
 
 from baselines import LMOnly, TinyBERT, VanillaKD, student_config
@@ -232,6 +231,7 @@ def make_optimizer(model, cfg):
               {"params": [p for p in model.parameters() if id(p) in norms], "lr_mult": cfg["norm_lr_mult"]}]
     adam = dict(lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), weight_decay=cfg["weight_decay"])
     if cfg["zero"] and dist.is_initialized():
+        from torch.distributed.optim import ZeroRedundancyOptimizer  # imported here: its import costs ~1 s
         return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.Adam, **adam)
     return torch.optim.Adam(groups, **adam)
 
@@ -239,7 +239,7 @@ def make_optimizer(model, cfg):
 def optimizer_state(optimizer):
     """The whole optimizer state on rank 0, None elsewhere. A sharded (zero) optimizer gathers it first:
     a collective, so every rank calls this."""
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
+    if hasattr(optimizer, "consolidate_state_dict"):  # ZeroRedundancyOptimizer
         optimizer.consolidate_state_dict(to=0)
     return optimizer.state_dict() if not dist.is_initialized() or dist.get_rank() == 0 else None
 
