@@ -5,6 +5,7 @@ Benchmarks that print tables (they are not tests). Machines are noisy: compare i
     python bench.py step [config.py ...] [--key=value ...] [--variants=fp32,bf16,bf16+compile] [--peak_tflops=X]
     python bench.py head [--vocab=151936 --tokens=2048 --d=1200 --d_teacher=2048]
     python bench.py smoke [--device=cuda] [--out=out/smoke]              # run this first on a new cluster
+    python bench.py memory config/lrc_qwen.py [--world_size=8] [--zero=True] [--key=value ...]   # no GPU needed
 
 model  forward tokens/s (batch_size x block_size, no grad) and greedy generation tokens/s (batch 1, a random
        prompt of prompt_len tokens, new_tokens new ones, KV cache) of our model and of
@@ -24,6 +25,12 @@ smoke  every path that only a GPU takes, end to end as a user runs it, on a smal
        bf16 autocast, torch.compile, evaluation, a checkpoint, a preemption and --resume, export, sample.py from
        the export and from the checkpoint. One line per check, then 'smoke: all N checks passed' (exit 1 if not).
        A few minutes on one GPU; on CPU (--device=cpu, gloo) it runs the same checks, slower.
+memory a recipe's peak GPU memory per rank without a GPU: its teacher built from config.json alone (config/shapes/
+       for the paper recipes), the student, two train.train_step and one train.evaluate on fake tensors of a fake GPU
+       device (CUDA's autocast casts and flash attention emulated), a fake process group of world_size ranks;
+       live tensor bytes by what holds them, FLOPs per step, last line 'predicted peak per GPU: N GiB'. A collective
+       on a tensor of another device fails as nccl would. Checked: on an H100 the same accounting on real CUDA
+       tensors read 56.1 GiB where the allocator's peak was 56.4 (lrc_qwen, world size 1); predicted 55.3.
 Peak memory is torch.cuda.max_memory_allocated on CUDA and the process's peak RSS on CPU (VmHWM, or ru_maxrss
 off Linux), so every variant and stage runs in a fresh process; a step's peak covers its whole run, warm-up and
 compilation included. MFU counts model FLOPs (teacher forward included) against the bf16 peak, for every variant.

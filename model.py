@@ -266,9 +266,11 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_id=None,
-                 use_cache=True, generator=None):
+                 use_cache=True, generator=None, vocab_size=None):
         """Yield (B,) next tokens one step at a time (so callers can stream). Greedy at temperature 0.
-        Stops early when every row has produced eos_id (an int or a collection of ints)."""
+        Stops early when every row has produced eos_id (an int or a collection of ints). vocab_size: ids from
+        there on are never drawn (an embedding's padding rows that no token has, e.g. Qwen2.5's 151,665 tokens
+        in 151,936 rows: an undertrained student can put mass there)."""
         B, T = idx.shape
         eos = torch.tensor(sorted(eos_id) if isinstance(eos_id, (list, set, tuple)) else
                            [] if eos_id is None else [eos_id], device=idx.device)
@@ -279,7 +281,7 @@ class Transformer(nn.Module):
         try:
             for _ in range(max_new_tokens):
                 logits, _ = self(inp, start_pos=pos) if use_cache else self(idx)
-                nxt = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)
+                nxt = sample_next(logits[:, -1, :vocab_size].float(), temperature, top_k, top_p, generator)
                 yield nxt
                 idx = torch.cat((idx, nxt[:, None]), dim=1)
                 pos, inp = pos + inp.shape[1], nxt[:, None]

@@ -100,7 +100,7 @@ def stream(model, tok, ids, eos, cfg, generator=None, out=None):
     idx = torch.tensor([ids], device=next(model.parameters()).device)
     t0 = time.perf_counter()
     for nxt in model.generate(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None,
-                              cfg["top_p"], eos_id=eos, generator=generator):
+                              cfg["top_p"], eos_id=eos, generator=generator, vocab_size=tok.vocab_size):
         if nxt.item() in eos:
             break
         new.append(nxt.item())

@@ -4,8 +4,8 @@
 # Published: the teacher and 18B tokens (paper Table 2; the official repo's SFT config reads the student from
 # "lrc-4b-18bt-scale0.5", i.e. 18B tokens and aux_loss_scale_factor, our alpha, 0.5). The official repo publishes
 # no LRC-4B training command. d_S 2048 is our reading of the paper's hyperparameter table (it gives 4.35B
-# parameters with the untied head): check it against the released LRC-4B's config.json before a real run. lr, tokens per step, T and warmup are not published for this model and are taken from the LRC-1.7B
-# Qwen recipe (config/lrc_qwen.py). The official runs use DeepSpeed ZeRO-2 (configs/accel_ds_8h800_gas1.yaml).
+# parameters with the untied head): check it against the released LRC-4B's config.json before a real run.
+# lr, tokens per step, T and warmup are not published for this model: taken from the LRC-1.7B recipe. The official runs use DeepSpeed ZeRO-2 (configs/accel_ds_8h800_gas1.yaml).
 teacher = ""  # set --teacher= to the HF dir of Qwen2.5-7B-Instruct
 data_dir = ""  # set --data_dir= to the output of data.py for that teacher (Mixed-2.0 in the paper, not public)
 out_dir = "out/lrc_qwen_4b"
@@ -15,6 +15,7 @@ block_size = 2048
 batch_size = 2  # sequences per micro-batch per GPU; grad_accum follows from tokens_per_step and the ranks
 tokens_per_step = 32_768  # not published for LRC-4B (the LRC-1.7B value)
 max_tokens = 18_000_000_000
+sampling = "epoch"  # one pass over the packed data, as the paper trains
 lr = 6.7e-5  # not published for LRC-4B (the LRC-1.7B value)
 zero = True  # shard Adam's state over the ranks (the official runs: ZeRO-2)
 eval_interval = 2000

@@ -172,3 +172,28 @@ def test_smollm2_knows_the_capital_of_france(smollm2_dir, capsys):
     sample.main([f"--model={smollm2_dir}", "--prompt=The capital of France is", "--temperature=0",
                  "--max_new_tokens=3"])
     assert capsys.readouterr().out.startswith("The capital of France is Paris")
+
+
+def test_embedding_rows_beyond_the_tokenizer_are_never_sampled(tiny_tok):
+    """Qwen2.5 has 151,936 embedding rows for 151,665 tokens; an undertrained student can put mass on the padding
+    rows. Here they get the highest logits of all: sampling and greedy still draw only the tokenizer's ids."""
+    from model import ModelConfig, Transformer
+    V = tiny_tok.vocab_size
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=V + 16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16)).init_weights(0.2)
+
+    class PaddedHead(torch.nn.Module):  # the tokenizer's logits, then 16 padding rows above all of them
+        def __init__(self, head):
+            super().__init__()
+            self.head, self.weight = head, head.weight
+
+        def forward(self, h):
+            logits = self.head(h)[..., :V]
+            return torch.cat([logits, logits.new_full((*logits.shape[:-1], 16), 1e4)], -1)
+    model.lm_head = PaddedHead(model.lm_head)
+    assert model(torch.tensor([[1, 2]]))[0][0, -1].argmax() >= V  # the padding rows would win unmasked
+    for temperature in (0.0, 1.0):
+        new = sample.stream(model, tiny_tok, [tiny_tok.eos_id], {tiny_tok.eos_id}, cfg(temperature=temperature),
+                            torch.Generator().manual_seed(0), out=io.StringIO())
+        assert new and max(new) < V
