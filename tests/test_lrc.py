@@ -212,6 +212,8 @@ def test_bad_input():
                       num_attention_heads=2, num_key_value_heads=2, head_dim=4, attention_bias=True)
     with pytest.raises(ValueError, match="o_proj bias"):
         LowRankClone(Transformer(cfg), 4)
+    with pytest.raises(ValueError, match="o_proj bias"):  # Qwen3's attention_bias covers o_proj as Llama's does
+        LowRankClone(Transformer(dataclasses.replace(cfg, model_type="qwen3")), 4)
 
 
 def test_explicit_alignment_only_for_output_terms_in_use():

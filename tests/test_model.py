@@ -19,6 +19,7 @@ CONFIGS = {
     # Qwen3: q_norm/k_norm over head_dim, no q/k/v bias, heads * head_dim (96) != hidden (64), GQA, tied and untied
     "qwen3_tied": dict(model_type="qwen3", head_dim=24, tie_word_embeddings=True, rope_theta=1e6),
     "qwen3_untied": dict(model_type="qwen3", head_dim=24, tie_word_embeddings=False),
+    "qwen3_bias": dict(model_type="qwen3", head_dim=24, attention_bias=True),  # bias on q/k/v/o, as Llama's
     # Llama: GQA and llama3 rope scaling, tested past original_max_position_embeddings
     "llama3_scaled": dict(model_type="llama", tie_word_embeddings=False, rope_theta=5e5, rope_scaling=dict(
         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
