@@ -4,7 +4,7 @@
 # Not a published recipe: the paper has no Qwen3 teacher. d_S: the student costs 1,571,200 parameters per unit of
 # width (151,936 embedding rows, tied, + 36 layers x 39,424), so d_S 1088 gives 1.71B parameters, the size of
 # Qwen3-1.7B (1.72B), the model a user would otherwise take off the shelf; 1088 = 17 x 64 keeps the GEMMs aligned.
-# (d_S 1152 would match LRC-1.7B's 1.81B instead.) Trainable: 0.71B projections and norms. Qwen3's q/k norms are the
+# (d_S 1152 would match LRC-1.7B's 1.81B instead.) Trainable: 0.70B projections and norms. Qwen3's q/k norms are the
 # teacher's, frozen (lrc.py). Everything else is the LRC-1.7B recipe (config/lrc_qwen.py), untuned for this teacher.
 # data: as config/lrc_qwen.py, tokenised with Qwen3-4B's tokenizer (Qwen2's vocabulary; OpenHermes rendered with
 # Qwen3's chat template, README "Qwen3").
