@@ -179,7 +179,8 @@ def test_qwen3_chat_with_thinking_matches_transformers(make_tokenizer_dir):
             ids, mask = tok.encode_chat(chat, add_generation_prompt=gen)
             assert ids == hf_ids(os.path.join(path, "tokenizer.json"), text)
             turns = text.split("<|im_start|>")[1:]
-            target = "".join(t.removeprefix("assistant\n").removesuffix("\n") for t in turns if t.startswith("assistant\n"))
+            target = "".join(t.removeprefix("assistant\n").removesuffix("\n") for t in turns
+                             if t.startswith("assistant\n"))
             assert tok.decode([i for i, m in zip(ids, mask) if m]) == target
     text = tok.render_chat(QWEN3_CHATS[3])  # the final turn keeps its reasoning, an earlier one loses it
     assert "<|im_start|>assistant\n<think>\nAdd them.\n</think>\n\n4.<|im_end|>" in text
