@@ -48,7 +48,7 @@ class ModelConfig:
         """Build from an HF config.json dict; anything we do not implement is a clear error."""
         mt = d.get("model_type")
         if mt not in ARCHITECTURES:
-            if "moe" in str(mt) or d.get("num_experts"):
+            if "moe" in str(mt) or d.get("num_experts") or d.get("num_local_experts"):
                 raise ValueError(f"config.json: model_type {mt!r} is a mixture of experts; only dense models "
                                  f"are supported ({sorted(ARCHITECTURES)})")
             raise ValueError(f"config.json: model_type {mt!r} is not supported (only {sorted(ARCHITECTURES)})")
