@@ -446,7 +446,7 @@ MEMORY_OPTS = dict(world_size=8)  # beside every key of train.DEFAULTS
 FAKE_DEVICE = "fakecuda"
 # the paper teachers' config.json (config/shapes), used where a recipe leaves teacher empty
 SHAPES = {"lrc_qwen.py": "Qwen2.5-3B-Instruct", "lrc_llama.py": "Llama-3.2-3B-Instruct",
-          "lrc_qwen_4b.py": "Qwen2.5-7B-Instruct"}
+          "lrc_qwen_4b.py": "Qwen2.5-7B-Instruct", "lrc_qwen3.py": "Qwen3-4B"}
 # what CUDA autocast runs in bf16 (matmul-like ops), and in fp32 when given bf16 (of those train.py reaches)
 AUTOCAST_LOW = {F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
                 torch.mm, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.addmm, torch.baddbmm}

@@ -108,9 +108,10 @@ class Tokenizer:
             header = lambda role: f"<|im_start|>{role}\n"  # noqa: E731
             if messages and messages[0]["role"] != "system" and self._chat.get("system") is not None:
                 spans.append((header("system") + self._chat["system"] + "<|im_end|>\n", False))
-            for m in messages:
+            for i, m in enumerate(messages):
                 target = m["role"] == "assistant"
-                spans += [(header(m["role"]), False), (m["content"] + "<|im_end|>", target), ("\n", False)]
+                text = _qwen3_reasoning(messages, i) if target and self._chat.get("think") else m["content"]
+                spans += [(header(m["role"]), False), (text + "<|im_end|>", target), ("\n", False)]
         else:  # llama3: the template trims every content; BOS is text in front of the first header
             header = lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n"  # noqa: E731
             if messages or "knowledge_date" in self._chat:
@@ -146,13 +147,28 @@ class Tokenizer:
         return ids, byte_target[starts].astype(int).tolist()
 
 
+def _qwen3_reasoning(messages, i):
+    """Assistant turn i as Qwen3's template writes it: a turn before the last user turn loses its <think> block;
+    a later one keeps it, and the final turn always has one (empty when the content has none)."""
+    content, reasoning = messages[i]["content"], ""
+    if "</think>" in content:
+        reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+        content = content.split("</think>")[-1].lstrip("\n")
+    last_query = max((j for j, m in enumerate(messages) if m["role"] == "user" and not (
+        m["content"].startswith("<tool_response>") and m["content"].endswith("</tool_response>"))),
+        default=len(messages) - 1)
+    if i > last_query and (i == len(messages) - 1 or reasoning):
+        return "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
+    return content
+
+
 def _chat_format(template, specials):
     """Which chat format a template (or, without one, the special tokens) speaks, and its fixed texts."""
     if "<|im_start|>" in template or (not template and "<|im_start|>" in specials):
         # the default system prompt a ChatML template adds when the chat has none, as a literal string in it
         # (a real newline, or a \n escape inside the Jinja string literal, as Qwen2.5 writes it)
         m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>", template)
-        return "chatml", {"system": m.group(1) if m else None}
+        return "chatml", {"system": m.group(1) if m else None, "think": "</think>" in template}  # think: Qwen3
     if "<|start_header_id|>" in template or (not template and "<|start_header_id|>" in specials):
         extra = {}
         m = re.search(r"Cutting Knowledge Date: (.*?)(?:\\n|\n)", template)

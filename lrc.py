@@ -170,6 +170,9 @@ class LowRankClone(nn.Module):
             w[f"{name}.weight"] = lin.weight @ P[m] if m in INPUT_SIDE else P[m].T @ lin.weight
             if lin.bias is not None:  # Qwen2's q/k/v biases: copied from the teacher, frozen
                 w[f"{name}.bias"] = lin.bias
+        for name in ("q_norm", "k_norm"):  # Qwen3's RMSNorms over head_dim, which LRC keeps: copied, frozen
+            if getattr(t.self_attn, name) is not None:
+                w[f"self_attn.{name}.weight"] = getattr(t.self_attn, name).weight
         return w
 
     def embedding(self) -> torch.Tensor:
@@ -194,7 +197,7 @@ class LowRankClone(nn.Module):
         parameter's: under bf16 autocast the leaves are bf16, and bf16 sums would lose the small updates."""
         with torch.no_grad():
             flat, spec = tree_flatten(self.generate())
-        frozen = {id(p) for p in self.teacher.parameters()}  # Qwen2's q/k/v biases: the teacher's own tensors
+        frozen = {id(p) for p in self.teacher.parameters()}  # Qwen2's biases, Qwen3's q/k norms: the teacher's own
         leaves = [w if id(w) in frozen else w.detach().requires_grad_() for w in flat]
         self.grad_sums = [None] * len(leaves)
 
@@ -401,8 +404,8 @@ def check_args(teacher, d_student, clone_terms, kl_reduction, alignment, init, c
         raise TypeError(f"teacher must be a model.Transformer (load it with Transformer.from_pretrained), "
                         f"got {type(teacher).__name__}")
     tc = teacher.config
-    if tc.model_type == "llama" and tc.attention_bias:
-        raise ValueError("teachers with an o_proj bias (Llama attention_bias=true) are not supported by LRC")
+    if tc.model_type != "qwen2" and tc.attention_bias:
+        raise ValueError(f"teachers with an o_proj bias ({tc.model_type} attention_bias=true) are not supported by LRC")
     d_t = tc.hidden_size
     if not 0 < d_student <= d_t or (d_student == d_t and init == "normal"):
         raise ValueError(f"d_student must be in [1, {d_t - 1}] (the teacher's hidden_size is {d_t}), "

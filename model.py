@@ -1,5 +1,5 @@
 """
-The Qwen2 / Llama decoder, written by hand, reading and writing HuggingFace safetensors directly.
+The Qwen2 / Qwen3 / Llama decoder, written by hand, reading and writing HuggingFace safetensors directly.
 
     from model import Transformer
     model = Transformer.from_pretrained("path/to/hf_dir", dtype=torch.bfloat16)
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 @dataclass
@@ -38,7 +38,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # None, or {"rope_type": "llama3" | "linear", ...}
-    attention_bias: bool = False  # bias on q/k/v (Qwen2 always; Llama when attention_bias is set)
+    attention_bias: bool = False  # bias on q/k/v (Qwen2 always); on q/k/v/o (Llama, Qwen3) when set
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
@@ -48,12 +48,15 @@ class ModelConfig:
         """Build from an HF config.json dict; anything we do not implement is a clear error."""
         mt = d.get("model_type")
         if mt not in ARCHITECTURES:
+            if "moe" in str(mt) or d.get("num_experts") or d.get("num_local_experts"):
+                raise ValueError(f"config.json: model_type {mt!r} is a mixture of experts; only dense models "
+                                 f"are supported ({sorted(ARCHITECTURES)})")
             raise ValueError(f"config.json: model_type {mt!r} is not supported (only {sorted(ARCHITECTURES)})")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
         if d.get("mlp_bias"):
             raise ValueError("config.json: mlp_bias=true is not supported")
-        if mt == "qwen2" and d.get("use_sliding_window"):
+        if mt in ("qwen2", "qwen3") and d.get("use_sliding_window"):
             raise ValueError("config.json: use_sliding_window=true (an active sliding window) is not supported")
         # transformers 5 moved rope_theta / rope_scaling into rope_parameters; read both forms.
         rope = {**(d.get("rope_parameters") or {}), **(d.get("rope_scaling") or {})}
@@ -84,6 +87,7 @@ class ModelConfig:
             d.pop("rope_scaling")
         if self.model_type == "qwen2":  # qwen2 has bias on q/k/v by definition and no such key
             d.pop("attention_bias")
+        if self.model_type in ("qwen2", "qwen3"):
             d.update(use_sliding_window=False, sliding_window=None)
         return d
 
@@ -140,20 +144,27 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.nh, self.nkv, self.hs = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        o_bias = cfg.attention_bias and cfg.model_type == "llama"  # Llama's attention_bias covers o_proj too
+        o_bias = cfg.attention_bias and cfg.model_type != "qwen2"  # Llama's, Qwen3's attention_bias cover o_proj too
         self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hs, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hs, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hs, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.nh * self.hs, cfg.hidden_size, bias=o_bias)
+        # Qwen3: RMSNorm over each head's head_dim features of q and of k, before RoPE (one weight for all heads)
+        qk_norm = cfg.model_type == "qwen3"
+        self.q_norm = RMSNorm(self.hs, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.hs, cfg.rms_norm_eps) if qk_norm else None
         self.cache = None  # (k, v), each (B, nkv, max_len, hs), set by Transformer.setup_cache
 
     def forward(self, x, cos, sin, start_pos=0, acts=None):
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if acts is not None:  # LRC clones q and k before RoPE (paper Sec. 4.2)
+        if acts is not None:  # LRC clones the projections' outputs: before RoPE (paper Sec. 4.2), before q/k_norm
             acts["q"], acts["k"], acts["v"] = q, k, v
-        q = apply_rope(q.view(B, T, self.nh, self.hs).transpose(1, 2), cos, sin)  # (B, nh, T, hs)
-        k = apply_rope(k.view(B, T, self.nkv, self.hs).transpose(1, 2), cos, sin)  # (B, nkv, T, hs)
+        q, k = q.view(B, T, self.nh, self.hs), k.view(B, T, self.nkv, self.hs)  # (B, T, nh|nkv, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hs)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, nkv, T, hs)
         v = v.view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         if self.cache is not None:
             ck, cv = self.cache

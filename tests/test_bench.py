@@ -49,7 +49,8 @@ def test_model_against_transformers(tiny_teacher):
 
 # -- memory: the dry run at the real shapes --------------------------------------------------------
 
-@pytest.mark.parametrize("recipe", ["config/lrc_qwen.py", "config/lrc_llama.py", "config/lrc_qwen_4b.py"])
+@pytest.mark.parametrize("recipe", ["config/lrc_qwen.py", "config/lrc_llama.py", "config/lrc_qwen_4b.py",
+                                    "config/lrc_qwen3.py"])
 def test_memory_dry_run_of_the_paper_recipes(recipe):
     out = bench("memory", recipe)
     assert "Adam state" in out and "loss head" in out and "TFLOP per step" in out, out

@@ -105,6 +105,89 @@ def test_tiny_chatml_matches_transformers(make_tokenizer_dir, template):
     check_chat_same_as_transformers(tok, path)
 
 
+# Qwen3's (hybrid thinking) template, without its tool-use branches: no default system prompt; reasoning is
+# dropped from assistant turns before the last user turn, and the final assistant turn always gets a <think> block
+QWEN3_TEMPLATE = r"""{%- if messages[0].role == 'system' %}
+    {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}
+"""
+
+QWEN3_CHATS = CHATS + [
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nAdd them.\n</think>\n\n4."}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\ngreet\n</think>\n\nHello!"},
+     {"role": "user", "content": "<tool_response>\n42\n</tool_response>"},
+     {"role": "assistant", "content": "<think>one</think>The answer"}, {"role": "assistant", "content": "\n\nis 42."}],
+    [{"role": "system", "content": "Think."}, {"role": "assistant", "content": "<think>a</think>b"}],
+]
+
+
+def test_qwen3_chat_with_thinking_matches_transformers(make_tokenizer_dir):
+    """Qwen3 (ChatML, Qwen2's tokenizer): the <think> blocks come out as apply_chat_template writes them, and the
+    loss mask covers an assistant turn's whole rendered text (its think block too) and its <|im_end|>."""
+    transformers = pytest.importorskip("transformers")
+    path = make_tokenizer_dir(chat_template=QWEN3_TEMPLATE)
+    tok, hf = load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+    assert tok.chat_format == "chatml"
+    for chat in QWEN3_CHATS:
+        for gen in (False, True):
+            text = tok.render_chat(chat, add_generation_prompt=gen)
+            assert text == hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen), chat
+            ids, mask = tok.encode_chat(chat, add_generation_prompt=gen)
+            assert ids == hf_ids(os.path.join(path, "tokenizer.json"), text)
+            turns = text.split("<|im_start|>")[1:]
+            target = "".join(t.removeprefix("assistant\n").removesuffix("\n") for t in turns
+                             if t.startswith("assistant\n"))
+            assert tok.decode([i for i, m in zip(ids, mask) if m]) == target
+    text = tok.render_chat(QWEN3_CHATS[3])  # the final turn keeps its reasoning, an earlier one loses it
+    assert "<|im_start|>assistant\n<think>\nAdd them.\n</think>\n\n4.<|im_end|>" in text
+    text = tok.render_chat(QWEN3_CHATS[0])  # no reasoning: the final turn gets an empty block
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n4.<|im_end|>\n")
+
+
 @pytest.mark.asset
 def test_smollm2_tokenizer_matches_hf(smollm2_dir):
     tok = load_tokenizer(smollm2_dir)

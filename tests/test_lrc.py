@@ -17,6 +17,13 @@ TEACHERS = {
     "llama_untied": ModelConfig(model_type="llama", vocab_size=120, hidden_size=48, intermediate_size=80,
                                 num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
                                 tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=5e5),
+    # Qwen3: q_norm/k_norm over head_dim, no bias, heads * head_dim != hidden_size
+    "qwen3_tied": ModelConfig(model_type="qwen3", vocab_size=120, hidden_size=48, intermediate_size=80,
+                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1e6),
+    "qwen3_untied": ModelConfig(model_type="qwen3", vocab_size=120, hidden_size=48, intermediate_size=80,
+                                num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=12,
+                                tie_word_embeddings=False, rms_norm_eps=1e-6),
 }
 
 
@@ -104,6 +111,9 @@ def reference_loss(lrc, teacher, idx, tgt, alpha, T):
             w[f"layers.{i}.self_attn.{m}_proj.weight"] = lin.weight @ P[m]
             if lin.bias is not None:
                 w[f"layers.{i}.self_attn.{m}_proj.bias"] = lin.bias
+        if layer.self_attn.q_norm is not None:  # Qwen3: the teacher's q/k norms, as they are
+            w[f"layers.{i}.self_attn.q_norm.weight"] = layer.self_attn.q_norm.weight
+            w[f"layers.{i}.self_attn.k_norm.weight"] = layer.self_attn.k_norm.weight
         w[f"layers.{i}.self_attn.o_proj.weight"] = P["o"].T @ layer.self_attn.o_proj.weight
         w[f"layers.{i}.mlp.gate_proj.weight"] = layer.mlp.gate_proj.weight @ P["gate"]
         w[f"layers.{i}.mlp.up_proj.weight"] = layer.mlp.up_proj.weight @ P["up"]
@@ -202,6 +212,8 @@ def test_bad_input():
                       num_attention_heads=2, num_key_value_heads=2, head_dim=4, attention_bias=True)
     with pytest.raises(ValueError, match="o_proj bias"):
         LowRankClone(Transformer(cfg), 4)
+    with pytest.raises(ValueError, match="o_proj bias"):  # Qwen3's attention_bias covers o_proj as Llama's does
+        LowRankClone(Transformer(dataclasses.replace(cfg, model_type="qwen3")), 4)
 
 
 def test_explicit_alignment_only_for_output_terms_in_use():
@@ -268,8 +280,8 @@ def test_one_projection_pass_equals_per_micro_batch(name):
             (lrc(idx, tgt)[0] / 3).backward()
         # nothing reached the weight-generating path of P yet (only the clone targets' t_acts @ P_o, P_down)
         assert lrc.p_emb.grad is None and lrc.proj[0]["q"].grad is None and lrc.proj[0]["gate"].grad is None
-    for (n, p), r in zip(lrc.named_parameters(), ref):
-        torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-7, msg=n)
+    for (n, p), r in zip(lrc.named_parameters(), ref):  # fp32 sums in another order: atol relative to the scale
+        torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-6 * r.abs().max().item(), msg=n)
 
 
 def test_activation_checkpointing_is_exact():

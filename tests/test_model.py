@@ -16,6 +16,10 @@ CONFIGS = {
     # Qwen2: q/k/v bias, head_dim != hidden/heads, tied and untied
     "qwen2_tied": dict(model_type="qwen2", head_dim=24, tie_word_embeddings=True, rope_theta=1e6),
     "qwen2_untied": dict(model_type="qwen2", head_dim=24, tie_word_embeddings=False),
+    # Qwen3: q_norm/k_norm over head_dim, no q/k/v bias, heads * head_dim (96) != hidden (64), GQA, tied and untied
+    "qwen3_tied": dict(model_type="qwen3", head_dim=24, tie_word_embeddings=True, rope_theta=1e6),
+    "qwen3_untied": dict(model_type="qwen3", head_dim=24, tie_word_embeddings=False),
+    "qwen3_bias": dict(model_type="qwen3", head_dim=24, attention_bias=True),  # bias on q/k/v/o, as Llama's
     # Llama: GQA and llama3 rope scaling, tested past original_max_position_embeddings
     "llama3_scaled": dict(model_type="llama", tie_word_embeddings=False, rope_theta=5e5, rope_scaling=dict(
         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -28,7 +32,8 @@ def make_hf(name, tmp_path):
     """A random transformers model of the named tiny config, saved to tmp_path/name."""
     torch.manual_seed(0)
     kw = {**TINY, **CONFIGS[name]}
-    cls = transformers.Qwen2Config if kw["model_type"] == "qwen2" else transformers.LlamaConfig
+    cls = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}.get(kw["model_type"],
+                                                                                   transformers.LlamaConfig)
     kw.pop("model_type")
     hf = transformers.AutoModelForCausalLM.from_config(cls(**kw), dtype=torch.float32).eval()
     with torch.no_grad():  # biases and norms are zero/one at init; randomise them so the test sees them
@@ -60,7 +65,7 @@ def test_logits_match_transformers(name, tmp_path):
         assert model.lm_head.weight is model.embed_tokens.weight
 
 
-@pytest.mark.parametrize("name", ["qwen2_tied", "llama3_scaled"])
+@pytest.mark.parametrize("name", ["qwen2_tied", "llama3_scaled", "qwen3_tied", "qwen3_untied"])
 def test_greedy_generation_cache_and_transformers(name, tmp_path):
     hf, path = make_hf(name, tmp_path)
     model = Transformer.from_pretrained(path).eval()
@@ -86,7 +91,7 @@ def test_chunked_prefill_matches_full_forward(tmp_path):
     assert_logits_close(torch.cat((a, b), 1), full)
 
 
-@pytest.mark.parametrize("name", ["qwen2_untied", "llama_bias_tied"])
+@pytest.mark.parametrize("name", ["qwen2_untied", "llama_bias_tied", "qwen3_tied", "qwen3_untied"])
 def test_save_pretrained_loads_in_transformers(name, tmp_path):
     hf, path = make_hf(name, tmp_path)
     model = Transformer.from_pretrained(path)
@@ -142,6 +147,19 @@ def test_bad_input(tmp_path):
         Transformer.from_pretrained(path)
     cfg_path.write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
     with pytest.raises(ValueError, match="yarn"):
+        Transformer.from_pretrained(path)
+
+
+def test_unsupported_qwen3_variants_are_named(tmp_path):
+    hf, path = make_hf("qwen3_tied", tmp_path)
+    assert hf.config.rope_parameters["rope_theta"] == 1e6  # the config kwarg reached transformers' RoPE
+    cfg_path = tmp_path / "qwen3_tied" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "model_type": "qwen3_moe", "num_experts": 8}))
+    with pytest.raises(ValueError, match="qwen3_moe.*mixture of experts"):
+        Transformer.from_pretrained(path)
+    cfg_path.write_text(json.dumps({**cfg, "use_sliding_window": True, "sliding_window": 16}))
+    with pytest.raises(ValueError, match="sliding"):
         Transformer.from_pretrained(path)
 
 
