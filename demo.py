@@ -191,11 +191,12 @@ def prepare_corpus(tokenizer, out_dir=None):
     out_dir = out_dir or cache_dir("data-kjv-" + tokenizer.fingerprint[:12])
     if os.path.isfile(os.path.join(out_dir, "meta.json")):
         return out_dir
-    os.makedirs(out_dir, exist_ok=True)
-    text_path = os.path.join(out_dir, "kjv.txt")
-    with open(text_path, "w", encoding="utf-8") as f:
-        f.write(kjv_text())
-    prepare(tokenizer, [{"path": text_path}], out_dir, val_fraction=0.03, num_proc=2)
+    shutil.rmtree(out_dir, ignore_errors=True)  # an unfinished cache entry of an older version, if any
+    with tempfile.TemporaryDirectory() as tmp:  # the text is only read by prepare, which writes out_dir at once
+        text_path = os.path.join(tmp, "kjv.txt")
+        with open(text_path, "w", encoding="utf-8") as f:
+            f.write(kjv_text())
+        prepare(tokenizer, [{"path": text_path}], out_dir, val_fraction=0.03, num_proc=2, overwrite=True)
     return out_dir
 
 

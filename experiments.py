@@ -18,6 +18,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -89,11 +90,11 @@ def held_out_data(tokenizer):
         files = sorted(f for f in glob.glob("/usr/share/common-licenses/*") if os.path.isfile(f))
         if not files:
             raise FileNotFoundError("/usr/share/common-licenses is empty: install Debian's base-files")
-        os.makedirs(out, exist_ok=True)
-        text_path = os.path.join(out, "licenses.txt")  # paragraphs become documents; half go to val (used)
-        with open(text_path, "w", encoding="utf-8") as f:
-            f.write("\n\n".join(open(p, encoding="utf-8", errors="replace").read() for p in files))
-        prepare(tokenizer, [{"path": text_path}], out, val_fraction=0.5, seed=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            text_path = os.path.join(tmp, "licenses.txt")  # paragraphs become documents; half go to val (used)
+            with open(text_path, "w", encoding="utf-8") as f:
+                f.write("\n\n".join(open(p, encoding="utf-8", errors="replace").read() for p in files))
+            prepare(tokenizer, [{"path": text_path}], out, val_fraction=0.5, seed=0, overwrite=True)
     return out
 
 
