@@ -73,10 +73,10 @@ def check_ranges(cfg: dict, ranges: dict, choices: dict | None = None):
     AT_LEAST_1) or not one of its choices (key -> allowed values)."""
     for key, (ok, what) in ranges.items():
         if not ok(cfg[key]):
-            raise ConfigError(f"config key '{key}' must be {what}, got {cfg[key]!r}")
+            raise ConfigError(f"--{key}={cfg[key]!r}: {key} must be {what}")
     for key, allowed in (choices or {}).items():
         if cfg[key] not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {cfg[key]!r}")
+            raise ConfigError(f"--{key}={cfg[key]!r}: {key} must be one of {list(allowed)}")
 
 
 def _unknown(key, keys, where):
