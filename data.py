@@ -341,11 +341,21 @@ def _chat_messages(turns):
             {"role": roles[t["from"]], "content": t["value"]} for t in turns]
 
 
-def iter_documents(src):
-    """Yield a source's documents: a str, or a list of chat messages."""
+SOURCE_TYPES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+
+
+def check_source(src):
     path = src["path"]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"source {path!r} does not exist")
+    if not path.endswith(SOURCE_TYPES):
+        raise ValueError(f"source {path!r}: unknown file type (use .txt, .jsonl, .jsonl.gz or .parquet)")
+
+
+def iter_documents(src):
+    """Yield a source's documents: a str, or a list of chat messages."""
+    path = src["path"]
+    check_source(src)
     if path.endswith(".txt"):
         with open(path, encoding="utf-8") as f:
             for block in re.split(r"\n[ \t]*\n", f.read()):
@@ -356,15 +366,13 @@ def iter_documents(src):
         with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
             records = (_json_line(line, path, n) for n, line in enumerate(f, 1) if line.strip())
             yield from _documents_of(records, src)
-    elif path.endswith(".parquet"):
+    else:  # .parquet
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise RuntimeError(f"reading {path} needs pyarrow: pip install pyarrow") from None
         pf = pq.ParquetFile(path)
         yield from _documents_of((rec for b in pf.iter_batches(batch_size=1024) for rec in b.to_pylist()), src)
-    else:
-        raise ValueError(f"source {path!r}: unknown file type (use .txt, .jsonl, .jsonl.gz or .parquet)")
 
 
 def _json_line(line, path, n):
@@ -439,6 +447,8 @@ def prepare(tokenizer, sources, out_dir, val_fraction=0.005, seed=1337, mask=Fal
         raise ValueError(f"--val_fraction must be in [0, 1), got {val_fraction}")
     if num_proc < 1:
         raise ValueError(f"--num_proc must be at least 1, got {num_proc}")
+    for src in sources:  # a typo in the last source is found now, not after hours on the first
+        check_source(src)
     check_out_dir(out_dir, overwrite)
     with atomic_dir(out_dir) as tmp:
         return _prepare_into(tmp, tokenizer, sources, val_fraction, seed, mask, num_proc, docs_per_task)
@@ -452,12 +462,13 @@ def _prepare_into(out_dir, tokenizer, sources, val_fraction, seed, mask, num_pro
     tokens, docs = dict.fromkeys(splits, 0), dict.fromkeys(splits, 0)
     rng = np.random.default_rng(seed)  # drawn once per document in source order: the split is reproducible
     pool = Pool(num_proc, initializer=_init_worker, initargs=(tokenizer,)) if num_proc > 1 else None
-    source_meta = []
+    source_meta, bars = [], []
     try:
         for src in sources:
             budget, n_tok, n_doc = src.get("budget"), 0, 0
             tasks = _batched(iter_documents(src), docs_per_task)
             bar = tqdm(total=budget, unit="tok", unit_scale=True, desc=os.path.basename(src["path"]))
+            bars.append(bar)
             # hand the pool a bounded group of tasks at a time, so a budget stops reading a huge source early
             while not (budget and n_tok >= budget) and (group := list(itertools.islice(tasks, 4 * num_proc))):
                 results = pool.imap(_tokenize_docs, group) if pool else (_tokenize_docs(g, tokenizer) for g in group)
@@ -475,6 +486,8 @@ def _prepare_into(out_dir, tokenizer, sources, val_fraction, seed, mask, num_pro
             bar.close()
             source_meta.append({**src, "documents": n_doc, "tokens": n_tok})
     finally:
+        for bar in bars:  # ends the bar's line, so that an error message starts on a line of its own
+            bar.close()
         if pool:
             pool.terminate()
         for f in [*bins.values(), *(masks or {}).values()]:

@@ -427,6 +427,7 @@ def preflight(cfg):
     """Every check that needs no file read: ranges, the device, and that a new run would not overwrite a
     checkpoint. (device, dtype). Run first, so a bad setting is refused at once (demo.py: before it converts)."""
     check_config(cfg)
+    resolve_batch(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # its checks; train() resolves after DDP setup
     device, dtype = resolve_system(cfg)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if not cfg["resume"] and os.path.exists(ckpt_path):
