@@ -618,7 +618,7 @@ def step_and_eval(cfg, world, device, mem, hooks=None):
     """Build the model as train.py does, then two optimizer steps (train.train_step) and one evaluation
     (train.evaluate), with mem (LiveBytes) labelling what is allocated. Returns a report dict; its step peak is
     the second step's."""
-    _, dtype = train.resolve_system({**cfg, "device": "cuda" if device == FAKE_DEVICE else device})
+    dtype = train.resolve_dtype(cfg, "cuda" if device == FAKE_DEVICE else device)  # the fake GPU's dtype is CUDA's
     autocast = autocast_for(device, dtype)
     cfg = {**cfg, "init": "normal" if cfg["init"] == "pca" else cfg["init"], "compile": False}
     with mem.phase("parameters"):

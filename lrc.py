@@ -293,7 +293,8 @@ class LowRankClone(nn.Module):
 
     def export(self, path: str, dtype=torch.float32, tokenizer_dir: str | None = None):
         """Write the student as an HF dir: config.json with hidden_size = d_S, explicit head_dim, the
-        teacher's eps and tying; safetensors; the teacher's tokenizer files."""
+        teacher's eps and tying; safetensors; the teacher's tokenizer files. Written into a temporary sibling,
+        then renamed over path (model.atomic_dir): a failed export never leaves half a student."""
         c = self.config
         if c.model_type == "llama" and c.hidden_size % c.num_attention_heads:
             warnings.warn(f"exporting a Llama student with hidden_size {c.hidden_size} not a multiple of "

@@ -134,11 +134,15 @@ def resolve_device(device):
     return device
 
 
+def resolve_dtype(cfg, device):
+    """'auto': bfloat16 on cuda, float32 elsewhere."""
+    check_ranges(cfg, {}, {"dtype": ("auto", "float32", "bfloat16")})
+    return cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+
+
 def resolve_system(cfg):
     device = resolve_device(cfg["device"])
-    check_ranges(cfg, {}, {"dtype": ("auto", "float32", "bfloat16")})
-    dtype = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    return device, dtype
+    return device, resolve_dtype(cfg, device)
 
 
 def check_config(cfg):
