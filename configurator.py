@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 
 # the failures a user can cause and fix (bad paths and files, bad values, a missing package, a non-finite loss,
 # out of memory); anything else is a bug in nanoLRC and keeps its traceback
-EXPECTED = (OSError, ValueError, KeyError, FloatingPointError, RuntimeError, ImportError)
+EXPECTED = (OSError, ValueError, KeyError, FloatingPointError, RuntimeError, ImportError, MemoryError)
 
 
 def run_or_exit(main, *args, **kwargs):

@@ -356,6 +356,15 @@ def iter_documents(src):
     """Yield a source's documents: a str, or a list of chat messages."""
     path = src["path"]
     check_source(src)
+    try:
+        yield from _read_documents(src)
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:  # their messages name no file
+        raise ValueError(f"source {path!r} cannot be read ({e}): is it {os.path.splitext(path)[1]}, in UTF-8, "
+                         "and complete?") from None
+
+
+def _read_documents(src):
+    path = src["path"]
     if path.endswith(".txt"):
         with open(path, encoding="utf-8") as f:
             for block in re.split(r"\n[ \t]*\n", f.read()):
@@ -514,6 +523,9 @@ def _batched(it, n):
 
 def check_compatible(data_dir, tokenizer, block_size=1):
     """meta.json of data_dir, after refusing data made by another tokenizer or too short for one block."""
+    if not data_dir:
+        raise FileNotFoundError("no --data_dir set: prepare one with python data.py --tokenizer TEACHER_DIR "
+                                "--out DIR --source ..., then pass --data_dir=DIR")
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{data_dir} holds no prepared data (no meta.json): "
@@ -529,6 +541,12 @@ def check_compatible(data_dir, tokenizer, block_size=1):
 
 def _check_lengths(meta, data_dir, block_size):
     for split, n in meta["tokens"].items():
+        for name, size in ((f"{split}.bin", 4 * n), *([(f"{split}_mask.bin", n)] if meta.get("mask") else [])):
+            path = os.path.join(data_dir, name)
+            found = os.path.getsize(path) if os.path.isfile(path) else None
+            if found != size:
+                raise ValueError(f"{path} {'is missing' if found is None else f'has {found:,} bytes'} where "
+                                 f"meta.json says {size:,}: the dir is incomplete or was changed; prepare it again")
         if n < block_size + 1:  # a window is block_size inputs plus the next token as the last target
             raise ValueError(f"{data_dir}: the {split} split has {n} tokens, fewer than one block of "
                              f"{block_size}+1; add data, raise --val_fraction, or lower block_size")

@@ -432,6 +432,11 @@ def preflight(cfg):
     checkpoint. (device, dtype). Run first, so a bad setting is refused at once (demo.py: before it converts)."""
     check_config(cfg)
     resolve_batch(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # its checks; train() resolves after DDP setup
+    if cfg["clone_skip"] >= cfg["block_size"]:
+        raise ConfigError(f"--clone_skip={cfg['clone_skip']}: must be below block_size {cfg['block_size']}, or "
+                          "no position is left for the clone loss")
+    if os.path.exists(cfg["out_dir"]) and not os.path.isdir(cfg["out_dir"]):
+        raise ConfigError(f"--out_dir={cfg['out_dir']} is a file: choose a dir")
     device, dtype = resolve_system(cfg)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if not cfg["resume"] and os.path.exists(ckpt_path):

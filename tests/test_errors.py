@@ -98,11 +98,15 @@ TRAIN_CASES = [
     ("--d_student=0", 1, "d_student must be in [1, 47]"),
     ("--clone_terms=q,qq", 1, "unknown clone term(s) ['qq']"),
     ("--resume=False", 1, "ckpt.pt exists: pass --resume=True"),
+    ("--clone_skip=32", 2, "--clone_skip=32: must be below block_size 32"),
+    ("--out_dir={tmp}/file", 2, "--out_dir={tmp}/file is a file: choose a dir"),
+    ("--data_dir=", 1, "no --data_dir set: prepare one with python data.py"),
     ("teacher:model.safetensors:truncate", 1, "model.safetensors is unreadable"),
     ("teacher:config.json:garbage", 1, "config.json is not valid JSON"),
     ("teacher:config.json:drop:hidden_size", 1, "config.json lacks the key 'hidden_size'"),
     ("teacher:tokenizer.json:garbage", 1, "tokenizer.json is not valid JSON"),
     ("data:meta.json:garbage", 1, "meta.json is not valid JSON"),
+    ("data:train.bin:truncate", 1, "train.bin has"),  # "... N bytes where meta.json says M: ... prepare it again"
 ]
 
 
@@ -115,6 +119,7 @@ def test_train_py(finished, tiny_teacher, tiny_data, tmp_path, arg, code, messag
         teacher, data = (broken, data) if which == "teacher" else (teacher, broken)
         message = os.path.join(broken, message)  # the message names the file with its path
         arg = "--seed=1337"  # nothing else wrong
+    (tmp_path / "file").write_text("not a dir")
     kept = {finished: tree_state(finished)}
     r = run("train.py", "config/tiny.py", f"--teacher={teacher}", f"--data_dir={data}", f"--out_dir={finished}",
             "--resume=True", arg.format(tmp=tmp_path))
@@ -142,6 +147,8 @@ def prepared(tiny_data, tmp_path):
     (src / "a.csv").write_text("text\nhello\n")
     (src / "a.jsonl").write_text('{"text": "hello", "score": 3}\n{"text": "world"\n')
     (src / "b.jsonl").write_text('{"text": "hello", "score": 3}\n')
+    (src / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    (src / "c.jsonl.gz").write_text('{"text": "not gzipped"}\n')
     (src / "other").mkdir()
     (src / "other" / "notes.md").write_text("my notes")
     return out, str(src)
@@ -154,6 +161,8 @@ DATA_CASES = [
     ("--overwrite --source={src}/a.csv", 1, "unknown file type (use .txt, .jsonl, .jsonl.gz or .parquet)"),
     ("--overwrite --source={src}/a.jsonl", 1, "{src}/a.jsonl:2 is not a JSON record"),
     ("--overwrite --source={src}/b.jsonl:filter=int_score>=4", 1, "record has no field 'int_score'"),
+    ("--overwrite --source={src}/latin1.txt", 1, "source '{src}/latin1.txt' cannot be read ('utf-8' codec"),
+    ("--overwrite --source={src}/c.jsonl.gz", 1, "source '{src}/c.jsonl.gz' cannot be read (Not a gzipped file"),
     ("--overwrite --source={src}/a.txt:budgt=5", 1, "unknown option 'budgt=5'"),
     ("--overwrite --source={src}/a.txt:budget=0", 1, "budget must be a token count of at least 1"),
     ("--overwrite --source={src}/a.txt --val_fraction=1.5", 1, "--val_fraction must be in [0, 1)"),
