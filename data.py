@@ -180,7 +180,8 @@ def load_tokenizer(path):
     if not os.path.isfile(tj_path):
         raise FileNotFoundError(f"{path} has no tokenizer.json (an HF 'fast' tokenizer file is required)")
     tj = read_json(tj_path)
-    read = lambda name: read_json(os.path.join(path, name)) if os.path.isfile(os.path.join(path, name)) else {}  # noqa: E731
+    read = lambda name: read_json(os.path.join(path, name)) \
+        if os.path.isfile(os.path.join(path, name)) else {}  # noqa: E731
     tc, cfg = read("tokenizer_config.json"), read("config.json")
     if not isinstance(tj.get("model"), dict) or not {"vocab", "merges"} <= tj["model"].keys():
         raise ValueError(f"{tj_path} has no BPE model (model.vocab, model.merges): not an HF tokenizer.json")
@@ -533,7 +534,8 @@ def check_compatible(data_dir, tokenizer, block_size=1):
     meta = read_json(meta_path)
     if meta.get("tokenizer_fingerprint") != tokenizer.fingerprint:
         raise ValueError(f"{data_dir} was tokenized with a different tokenizer (fingerprint "
-                         f"{str(meta.get('tokenizer_fingerprint'))[:12]} vs the teacher's {tokenizer.fingerprint[:12]}): "
+                         f"{str(meta.get('tokenizer_fingerprint'))[:12]} vs the teacher's "
+                         f"{tokenizer.fingerprint[:12]}): "
                          "prepare it again with --tokenizer pointing at this teacher, into a new --out dir")
     _check_lengths(meta, data_dir, block_size)
     return meta

@@ -194,7 +194,8 @@ def main():
         raise ValueError(f"--minutes={args.minutes}: must be >= 0 (0: --tokens sets the budget)")
     unknown = [n for n in args.only.split(",") if n and n not in SETS[args.set]]
     if unknown:
-        raise ValueError(f"--only: no run named {unknown[0]!r} in the set {args.set!r}; its runs: {list(SETS[args.set])}")
+        raise ValueError(f"--only: no run named {unknown[0]!r} in the set {args.set!r}; "
+                         f"its runs: {list(SETS[args.set])}")
     teacher_dir = demo.convert_teacher()
     tokenizer = load_tokenizer(teacher_dir)
     data_dir = demo.prepare_corpus(tokenizer)

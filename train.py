@@ -390,6 +390,10 @@ def load_student(path, device="cpu"):
     """The trained student as a model.Transformer, from a training checkpoint (teacher + projections)."""
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
+    for key in ("teacher", "init_from"):  # the student is rebuilt from the dirs its run was given
+        if cfg.get(key) and not os.path.isdir(cfg[key]):
+            raise FileNotFoundError(f"{path}: the {key} dir of this run, {cfg[key]!r}, is gone; the student is "
+                                    "built from it: put it back, or use the run's exported student/")
     model = build_model(cfg, device, "float32", load=True)
     model.load_state_dict(ckpt["model"])
     return model.student(), cfg

@@ -209,6 +209,7 @@ SAMPLE_CASES = [
     ("--prompt=FILE:{tmp}/missing.txt", 1, "--prompt=FILE:{tmp}/missing.txt: no such file"),
     ("student:model.safetensors:truncate", 1, "model.safetensors is unreadable"),
     ("student:config.json:garbage", 1, "config.json is not valid JSON"),
+    ("ckpt:teacher-moved", 1, "ckpt.pt: the teacher dir of this run, '{tmp}/moved', is gone"),
 ]
 
 
@@ -219,6 +220,12 @@ def test_sample_py(finished, tmp_path, arg, code, message):
         _, name, how = arg.split(":", 2)
         model = broken_copy(model, tmp_path / "broken", name, how)
         message, arg = os.path.join(model, message), "--seed=0"
+    if arg == "ckpt:teacher-moved":  # a checkpoint whose teacher dir has moved since
+        ckpt = torch.load(os.path.join(finished, "ckpt.pt"), weights_only=True)
+        ckpt["config"]["teacher"] = str(tmp_path / "moved")
+        model = str(tmp_path / "ckpt.pt")
+        torch.save(ckpt, model)
+        arg = "--seed=0"
     kept = {finished: tree_state(finished)}
     r = run("sample.py", f"--model={model}", "--prompt=the", "--max_new_tokens=4", arg.format(tmp=tmp_path))
     assert_refused(r, code, message.format(tmp=tmp_path), kept)
