@@ -61,7 +61,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 import demo
 import lrc
 import train
-from configurator import ConfigError, configure_or_exit
+from configurator import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, ConfigError, check_ranges, configure_or_exit,
+                          run_or_exit)
 from data import bytes_to_unicode, load_tokenizer, prepare
 from lrc import distill_head, distill_losses
 from model import ModelConfig, Transformer, read_json
@@ -82,7 +83,7 @@ HEAD_RTOL = {"float32": 1e-3, "bfloat16": 5e-2}  # max |fused - plain| / max |pl
 # timing, memory, processes, tables
 
 def pick_device(device):
-    return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return train.resolve_device(device)  # auto: cuda if available; a device the machine lacks is an error
 
 
 def autocast_for(device, dtype):
@@ -149,6 +150,8 @@ def system(device):
 # model: ours vs transformers
 
 def bench_model(o):
+    check_ranges(o, {**dict.fromkeys(("batch_size", "block_size", "prompt_len", "new_tokens", "iters"), AT_LEAST_1),
+                     "warmup": NON_NEGATIVE}, {"dtype": ("float32", "bfloat16", "float16")})
     import transformers
     from transformers import AutoModelForCausalLM
     transformers.utils.logging.disable_progress_bar()
@@ -256,6 +259,10 @@ def bench_step(argv):
     if not any(a.endswith(".py") and not a.startswith("--") for a in argv):
         argv = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "lrc_demo.py"), *argv]
     cfg = configure_or_exit({**train.DEFAULTS, **STEP_OPTS}, argv)
+    check_ranges(cfg, {"iters": AT_LEAST_1, "warmup": NON_NEGATIVE, "peak_tflops": NON_NEGATIVE})
+    train.check_config(cfg)
+    train.resolve_batch(cfg, 1)
+    pick_device(cfg["device"])
     names = [v for v in cfg["variants"].split(",") if v] or ["eager" if not cfg["compile"] else "compile"]
     try:
         variants = [variant_config(cfg, name) for name in names]
@@ -320,8 +327,9 @@ def head_stage(o, mode, check):
 
 
 def bench_head(o):
-    if o["dtype"] not in HEAD_RTOL:
-        sys.exit(f"error: --dtype must be one of {list(HEAD_RTOL)}, got {o['dtype']!r}")
+    check_ranges(o, {**dict.fromkeys(("vocab", "tokens", "d", "d_teacher", "iters"), AT_LEAST_1),
+                     "warmup": NON_NEGATIVE, "temperature": POSITIVE}, {"dtype": tuple(HEAD_RTOL)})
+    pick_device(o["device"])
     plain = in_fresh_process(head_stage, o, "plain", True)
     fused = in_fresh_process(head_stage, o, "fused", False)
     print(f"loss head | {o['tokens']:,} tokens, vocab {o['vocab']:,}, d_S {o['d']}, d_T {o['d_teacher']}, "
@@ -389,6 +397,7 @@ def smoke_corpus(out):
 
 
 def bench_smoke(o):
+    check_ranges(o, {"steps": (lambda v: v >= 2, "at least 2"), "nproc": NON_NEGATIVE})
     device = pick_device(o["device"])
     gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
     nproc = o["nproc"] or (2 if gpus >= 2 else 1)
@@ -609,7 +618,7 @@ def step_and_eval(cfg, world, device, mem, hooks=None):
     """Build the model as train.py does, then two optimizer steps (train.train_step) and one evaluation
     (train.evaluate), with mem (LiveBytes) labelling what is allocated. Returns a report dict; its step peak is
     the second step's."""
-    _, dtype = train.resolve_system({**cfg, "device": "cuda" if device == FAKE_DEVICE else device})
+    dtype = train.resolve_dtype(cfg, "cuda" if device == FAKE_DEVICE else device)  # the fake GPU's dtype is CUDA's
     autocast = autocast_for(device, dtype)
     cfg = {**cfg, "init": "normal" if cfg["init"] == "pca" else cfg["init"], "compile": False}
     with mem.phase("parameters"):
@@ -759,6 +768,8 @@ def memory_rows(r, world):
 def bench_memory(argv):
     recipes = [a for a in argv if a.endswith(".py") and not a.startswith("--")]
     cfg = configure_or_exit({**train.DEFAULTS, **MEMORY_OPTS}, argv)
+    check_ranges(cfg, {"world_size": AT_LEAST_1})
+    train.check_config(cfg)
     if not cfg["teacher"]:
         name = next((SHAPES[os.path.basename(r)] for r in reversed(recipes) if os.path.basename(r) in SHAPES), None)
         if name is None:
@@ -795,7 +806,11 @@ def bench_memory(argv):
 if __name__ == "__main__":
     commands = {"model": (MODEL_OPTS, bench_model), "head": (HEAD_OPTS, bench_head), "step": (None, bench_step),
                 "smoke": (SMOKE_OPTS, bench_smoke), "memory": (None, bench_memory)}
-    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         sys.exit(__doc__)
+    if sys.argv[1] not in commands:
+        print(f"error: unknown command {sys.argv[1]!r}: choose one of {list(commands)} (python bench.py -h)",
+              file=sys.stderr)
+        sys.exit(2)
     opts, fn = commands[sys.argv[1]]
-    fn(sys.argv[2:] if opts is None else configure_or_exit(opts, sys.argv[2:]))
+    run_or_exit(lambda: fn(sys.argv[2:] if opts is None else configure_or_exit(opts, sys.argv[2:])))

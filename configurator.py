@@ -16,16 +16,67 @@ Arguments are applied left to right, so a later one wins:
 - `--key=value`  value parsed with ast.literal_eval (`1e-4`, `True`, `(0.9, 0.95)`), else kept as a str.
 Unlike nanoGPT's configurator, a typo is an error naming the closest key instead of a silent new
 global, and every value is checked against the default's type (an int is fine where a float is due).
+Ranges are checked where a script reads its values (check_ranges), and every script runs its main through
+run_or_exit, so that an expected failure reaches the user as one line, not a traceback:
+
+    if __name__ == "__main__":
+        run_or_exit(main)                   # "error: ..." on stderr, exit 1; NANOLRC_DEBUG=1 shows the traceback
 """
 import ast
 import difflib
+import os
 import sys
 import traceback
 import types
 
 
 class ConfigError(ValueError):
-    """A bad config argument; scripts print it and exit with status 2 (see configure_or_exit)."""
+    """A bad config argument; scripts print it and exit with status 2 (see configure_or_exit, run_or_exit)."""
+
+
+# the failures a user can cause and fix (bad paths and files, bad values, a missing package, a non-finite loss,
+# out of memory); anything else is a bug in nanoLRC and keeps its traceback
+EXPECTED = (OSError, ValueError, KeyError, FloatingPointError, RuntimeError, ImportError, MemoryError)
+
+
+def run_or_exit(main, *args, **kwargs):
+    """Run a script's main: an EXPECTED failure is printed as one line `error: ...` on stderr with exit status 1
+    (2 for a ConfigError, as configure_or_exit), Ctrl-C exits 130 quietly. NANOLRC_DEBUG=1 re-raises instead,
+    for the traceback. The messages name the file or key and say what to do, so they are all a user needs."""
+    try:
+        return main(*args, **kwargs)
+    except KeyboardInterrupt:
+        if os.environ.get("NANOLRC_DEBUG"):
+            raise
+        sys.exit(130)
+    except EXPECTED as e:
+        if os.environ.get("NANOLRC_DEBUG"):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # a KeyError's str() is its repr
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in message:
+            message += f": {e.filename}"
+        message = " ".join(str(message).split()) or type(e).__name__  # one line, however the library wrote it
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
+
+
+# ranges for check_ranges: (test, what the value must be)
+AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+POSITIVE = (lambda v: v > 0, "> 0")
+PROBABILITY = (lambda v: 0 < v <= 1, "in (0, 1]")
+FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def check_ranges(cfg: dict, ranges: dict, choices: dict | None = None):
+    """Raise a ConfigError naming the first key whose value is out of its range (key -> (test, what), e.g.
+    AT_LEAST_1) or not one of its choices (key -> allowed values)."""
+    for key, (ok, what) in ranges.items():
+        if not ok(cfg[key]):
+            raise ConfigError(f"--{key}={cfg[key]!r}: {key} must be {what}")
+    for key, allowed in (choices or {}).items():
+        if cfg[key] not in allowed:
+            raise ConfigError(f"--{key}={cfg[key]!r}: {key} must be one of {list(allowed)}")
 
 
 def _unknown(key, keys, where):

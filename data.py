@@ -8,6 +8,7 @@ Tokenize sources into train.bin / val.bin (uint32 token ids, documents each foll
         --source fineweb-edu.parquet:filter=int_score>=4:budget=18B \
         --source openhermes.jsonl:field=conversations:budget=2B --num_proc 8
     python data.py --tokenizer TEACHER_DIR --out data/sft --source ultrachat.jsonl:field=messages --mask
+    python data.py ... --out data/kjv --overwrite     # replace prepared data (kept until the new is complete)
 
 A source is PATH[:field=NAME][:budget=N][:filter=EXPR]:
   .txt               documents are blocks separated by blank lines (a file without blank lines is one document)
@@ -37,6 +38,9 @@ import numpy as np
 import tiktoken
 import torch
 from tqdm import tqdm
+
+from configurator import run_or_exit
+from model import atomic_dir, read_json
 
 # -----------------------------------------------------------------------------
 # Tokenizer
@@ -191,11 +195,12 @@ def load_tokenizer(path):
     tj_path = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tj_path):
         raise FileNotFoundError(f"{path} has no tokenizer.json (an HF 'fast' tokenizer file is required)")
-    with open(tj_path, encoding="utf-8") as f:
-        tj = json.load(f)
-    read = lambda name: json.load(open(os.path.join(path, name), encoding="utf-8")) \
+    tj = read_json(tj_path)
+    read = lambda name: read_json(os.path.join(path, name)) \
         if os.path.isfile(os.path.join(path, name)) else {}  # noqa: E731
     tc, cfg = read("tokenizer_config.json"), read("config.json")
+    if not isinstance(tj.get("model"), dict) or not {"vocab", "merges"} <= tj["model"].keys():
+        raise ValueError(f"{tj_path} has no BPE model (model.vocab, model.merges): not an HF tokenizer.json")
 
     model = tj["model"]
     if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
@@ -322,10 +327,11 @@ def parse_source(spec):
         if not sep or key not in ("field", "budget", "filter"):
             raise ValueError(f"source {spec!r}: unknown option {opt!r} (use field=, budget=, filter=)")
         if key == "budget":
-            m = re.fullmatch(r"([\d.]+)([KMB]?)", value.upper())
-            if not m:
-                raise ValueError(f"source {spec!r}: budget must be a token count like 500000, 1.5M or 2B")
-            value = int(float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9}[m.group(2)])
+            m = re.fullmatch(r"(\d+\.?\d*|\.\d+)([KMB]?)", value.upper())
+            value = int(float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9}[m.group(2)]) if m else 0
+            if value < 1:
+                raise ValueError(f"source {spec!r}: budget must be a token count of at least 1, like 500000, "
+                                 "1.5M or 2B")
         src[key] = value
     return src
 
@@ -352,11 +358,30 @@ def _chat_messages(turns):
             {"role": roles[t["from"]], "content": t["value"]} for t in turns]
 
 
-def iter_documents(src):
-    """Yield a source's documents: a str, or a list of chat messages."""
+SOURCE_TYPES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+
+
+def check_source(src):
     path = src["path"]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"source {path!r} does not exist")
+    if not path.endswith(SOURCE_TYPES):
+        raise ValueError(f"source {path!r}: unknown file type (use .txt, .jsonl, .jsonl.gz or .parquet)")
+
+
+def iter_documents(src):
+    """Yield a source's documents: a str, or a list of chat messages."""
+    path = src["path"]
+    check_source(src)
+    try:
+        yield from _read_documents(src)
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:  # their messages name no file
+        raise ValueError(f"source {path!r} cannot be read ({e}): is it {os.path.splitext(path)[1]}, in UTF-8, "
+                         "and complete?") from None
+
+
+def _read_documents(src):
+    path = src["path"]
     if path.endswith(".txt"):
         with open(path, encoding="utf-8") as f:
             for block in re.split(r"\n[ \t]*\n", f.read()):
@@ -365,17 +390,22 @@ def iter_documents(src):
         return
     if path.endswith((".jsonl", ".jsonl.gz")):
         with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-            records = (json.loads(line) for line in f if line.strip())
+            records = (_json_line(line, path, n) for n, line in enumerate(f, 1) if line.strip())
             yield from _documents_of(records, src)
-    elif path.endswith(".parquet"):
+    else:  # .parquet
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise RuntimeError(f"reading {path} needs pyarrow: pip install pyarrow") from None
         pf = pq.ParquetFile(path)
         yield from _documents_of((rec for b in pf.iter_batches(batch_size=1024) for rec in b.to_pylist()), src)
-    else:
-        raise ValueError(f"source {path!r}: unknown file type (use .txt, .jsonl, .jsonl.gz or .parquet)")
+
+
+def _json_line(line, path, n):
+    try:
+        return json.loads(line)
+    except ValueError as e:
+        raise ValueError(f"{path}:{n} is not a JSON record ({e}): fix or drop that line") from None
 
 
 def _documents_of(records, src):
@@ -414,24 +444,57 @@ def _tokenize_docs(docs, tok=None):
     return out
 
 
-def prepare(tokenizer, sources, out_dir, val_fraction=0.005, seed=1337, mask=False, num_proc=1, docs_per_task=64):
-    """Tokenize sources into out_dir; each document goes to val with probability val_fraction. Returns meta."""
-    os.makedirs(out_dir, exist_ok=True)
+PREPARED_FILES = ("meta.json", "train.bin", "val.bin", "train_mask.bin", "val_mask.bin")
+
+
+def check_out_dir(out_dir, overwrite=False):
+    """Refuse, before any work, an out_dir that prepare could not or may not replace: one holding other files
+    than prepared data (never replaced), or prepared data without overwrite."""
+    if not os.path.exists(out_dir) or (os.path.isdir(out_dir) and not os.listdir(out_dir)):
+        return
+    if not os.path.isdir(out_dir):
+        raise FileExistsError(f"--out {out_dir} is a file: choose a dir for the prepared data")
+    others = sorted(set(os.listdir(out_dir)) - set(PREPARED_FILES))
+    if others:
+        raise FileExistsError(f"--out {out_dir} holds files data.py did not write ({', '.join(others[:3])}"
+                              f"{', ...' if len(others) > 3 else ''}): choose another --out")
+    if not overwrite:
+        raise FileExistsError(f"--out {out_dir} holds prepared data: pass --overwrite to replace it (it is kept "
+                              "until the new data is complete), or choose another --out")
+
+
+def prepare(tokenizer, sources, out_dir, val_fraction=0.005, seed=1337, mask=False, num_proc=1, docs_per_task=64,
+            overwrite=False):
+    """Tokenize sources into out_dir; each document goes to val with probability val_fraction. Returns meta.
+    The data is written into a temporary sibling dir and renamed to out_dir once complete (model.atomic_dir):
+    a failed run leaves no out_dir, or the previous one exactly as it was. An out_dir holding prepared data is
+    replaced only with overwrite=True (check_out_dir)."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    if num_proc < 1:
+        raise ValueError(f"--num_proc must be at least 1, got {num_proc}")
+    for src in sources:  # a typo in the last source is found now, not after hours on the first
+        check_source(src)
+    check_out_dir(out_dir, overwrite)
+    with atomic_dir(out_dir) as tmp:
+        return _prepare_into(tmp, tokenizer, sources, val_fraction, seed, mask, num_proc, docs_per_task)
+
+
+def _prepare_into(out_dir, tokenizer, sources, val_fraction, seed, mask, num_proc, docs_per_task):
     meta_path = os.path.join(out_dir, "meta.json")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # meta.json is written last: without it the dir reads as unfinished
     splits = ("train", "val")
     bins = {s: open(os.path.join(out_dir, f"{s}.bin"), "wb") for s in splits}
     masks = {s: open(os.path.join(out_dir, f"{s}_mask.bin"), "wb") for s in splits} if mask else None
     tokens, docs = dict.fromkeys(splits, 0), dict.fromkeys(splits, 0)
     rng = np.random.default_rng(seed)  # drawn once per document in source order: the split is reproducible
     pool = Pool(num_proc, initializer=_init_worker, initargs=(tokenizer,)) if num_proc > 1 else None
-    source_meta = []
+    source_meta, bars = [], []
     try:
         for src in sources:
             budget, n_tok, n_doc = src.get("budget"), 0, 0
             tasks = _batched(iter_documents(src), docs_per_task)
             bar = tqdm(total=budget, unit="tok", unit_scale=True, desc=os.path.basename(src["path"]))
+            bars.append(bar)
             # hand the pool a bounded group of tasks at a time, so a budget stops reading a huge source early
             while not (budget and n_tok >= budget) and (group := list(itertools.islice(tasks, 4 * num_proc))):
                 results = pool.imap(_tokenize_docs, group) if pool else (_tokenize_docs(g, tokenizer) for g in group)
@@ -449,6 +512,8 @@ def prepare(tokenizer, sources, out_dir, val_fraction=0.005, seed=1337, mask=Fal
             bar.close()
             source_meta.append({**src, "documents": n_doc, "tokens": n_tok})
     finally:
+        for bar in bars:  # ends the bar's line, so that an error message starts on a line of its own
+            bar.close()
         if pool:
             pool.terminate()
         for f in [*bins.values(), *(masks or {}).values()]:
@@ -475,15 +540,18 @@ def _batched(it, n):
 
 def check_compatible(data_dir, tokenizer, block_size=1):
     """meta.json of data_dir, after refusing data made by another tokenizer or too short for one block."""
+    if not data_dir:
+        raise FileNotFoundError("no --data_dir set: prepare one with python data.py --tokenizer TEACHER_DIR "
+                                "--out DIR --source ..., then pass --data_dir=DIR")
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{data_dir} holds no prepared data (no meta.json): "
                                 f"run python data.py --tokenizer TEACHER_DIR --out {data_dir} --source ...")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta["tokenizer_fingerprint"] != tokenizer.fingerprint:
+    meta = read_json(meta_path)
+    if meta.get("tokenizer_fingerprint") != tokenizer.fingerprint:
         raise ValueError(f"{data_dir} was tokenized with a different tokenizer (fingerprint "
-                         f"{meta['tokenizer_fingerprint'][:12]} vs the teacher's {tokenizer.fingerprint[:12]}): "
+                         f"{str(meta.get('tokenizer_fingerprint'))[:12]} vs the teacher's "
+                         f"{tokenizer.fingerprint[:12]}): "
                          "prepare it again with --tokenizer pointing at this teacher, into a new --out dir")
     _check_lengths(meta, data_dir, block_size)
     return meta
@@ -491,6 +559,12 @@ def check_compatible(data_dir, tokenizer, block_size=1):
 
 def _check_lengths(meta, data_dir, block_size):
     for split, n in meta["tokens"].items():
+        for name, size in ((f"{split}.bin", 4 * n), *([(f"{split}_mask.bin", n)] if meta.get("mask") else [])):
+            path = os.path.join(data_dir, name)
+            found = os.path.getsize(path) if os.path.isfile(path) else None
+            if found != size:
+                raise ValueError(f"{path} {'is missing' if found is None else f'has {found:,} bytes'} where "
+                                 f"meta.json says {size:,}: the dir is incomplete or was changed; prepare it again")
         if n < block_size + 1:  # a window is block_size inputs plus the next token as the last target
             raise ValueError(f"{data_dir}: the {split} split has {n} tokens, fewer than one block of "
                              f"{block_size}+1; add data, raise --val_fraction, or lower block_size")
@@ -519,8 +593,7 @@ class Batches:
                  sampling="random", grad_accum=1):
         if sampling not in ("random", "epoch"):
             raise ValueError(f"sampling must be 'random' or 'epoch', not {sampling!r}")
-        with open(os.path.join(data_dir, "meta.json")) as f:
-            self.meta = json.load(f)
+        self.meta = read_json(os.path.join(data_dir, "meta.json"))
         _check_lengths(self.meta, data_dir, block_size)
         self.data_dir, self.B, self.T = data_dir, batch_size, block_size
         self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, torch.device(device)
@@ -590,12 +663,16 @@ def main():
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--mask", action="store_true", help="also write *_mask.bin: loss only on assistant turns (SFT)")
     p.add_argument("--num_proc", type=int, default=max(1, (os.cpu_count() or 1) - 1))
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out dir of prepared data (only once the new data is complete)")
     args = p.parse_args()
-    meta = prepare(load_tokenizer(args.tokenizer), [parse_source(s) for s in args.source], args.out,
-                   val_fraction=args.val_fraction, seed=args.seed, mask=args.mask, num_proc=args.num_proc)
+    sources = [parse_source(s) for s in args.source]
+    check_out_dir(args.out, args.overwrite)  # before the tokenizer loads: refuse at once
+    meta = prepare(load_tokenizer(args.tokenizer), sources, args.out, val_fraction=args.val_fraction,
+                   seed=args.seed, mask=args.mask, num_proc=args.num_proc, overwrite=args.overwrite)
     print(f"{args.out}: train {meta['tokens']['train']:,} tokens in {meta['documents']['train']:,} documents, "
           f"val {meta['tokens']['val']:,} tokens in {meta['documents']['val']:,} documents")
 
 
 if __name__ == "__main__":
-    main()
+    run_or_exit(main)

@@ -191,11 +191,12 @@ def prepare_corpus(tokenizer, out_dir=None):
     out_dir = out_dir or cache_dir("data-kjv-" + tokenizer.fingerprint[:12])
     if os.path.isfile(os.path.join(out_dir, "meta.json")):
         return out_dir
-    os.makedirs(out_dir, exist_ok=True)
-    text_path = os.path.join(out_dir, "kjv.txt")
-    with open(text_path, "w", encoding="utf-8") as f:
-        f.write(kjv_text())
-    prepare(tokenizer, [{"path": text_path}], out_dir, val_fraction=0.03, num_proc=2)
+    shutil.rmtree(out_dir, ignore_errors=True)  # an unfinished cache entry of an older version, if any
+    with tempfile.TemporaryDirectory() as tmp:  # the text is only read by prepare, which writes out_dir at once
+        text_path = os.path.join(tmp, "kjv.txt")
+        with open(text_path, "w", encoding="utf-8") as f:
+            f.write(kjv_text())
+        prepare(tokenizer, [{"path": text_path}], out_dir, val_fraction=0.03, num_proc=2, overwrite=True)
     return out_dir
 
 
@@ -236,16 +237,19 @@ def main(argv):
     from data import load_tokenizer
     import train
     t0 = time.time()
-    teacher = convert_teacher()
-    print(f"teacher: {teacher}")
-    data_dir = prepare_corpus(load_tokenizer(teacher))
-    print(f"data: {data_dir}")
     here = os.path.dirname(os.path.abspath(__file__))
-    cfg = configure_or_exit(train.DEFAULTS, [os.path.join(here, "config", "lrc_demo.py"), f"--teacher={teacher}",
-                                             f"--data_dir={data_dir}", *argv])
+    # the settings first, so that a bad one is refused before minutes of conversion and tokenisation
+    cfg = configure_or_exit(train.DEFAULTS, [os.path.join(here, "config", "lrc_demo.py"), *argv])
+    train.preflight(cfg)
+    teacher = cfg["teacher"] or convert_teacher()
+    print(f"teacher: {teacher}")
+    data_dir = cfg["data_dir"] or prepare_corpus(load_tokenizer(teacher))
+    print(f"data: {data_dir}")
+    cfg = {**cfg, "teacher": teacher, "data_dir": data_dir}
     model = train.train(cfg)
     report(cfg, model, t0)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from configurator import run_or_exit
+    run_or_exit(main, sys.argv[1:])

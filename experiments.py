@@ -18,6 +18,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -25,6 +26,7 @@ from types import SimpleNamespace
 import torch
 
 import demo
+from configurator import run_or_exit
 from data import Batches, load_tokenizer, prepare
 from lrc import LowRankClone
 from model import Transformer
@@ -89,11 +91,11 @@ def held_out_data(tokenizer):
         files = sorted(f for f in glob.glob("/usr/share/common-licenses/*") if os.path.isfile(f))
         if not files:
             raise FileNotFoundError("/usr/share/common-licenses is empty: install Debian's base-files")
-        os.makedirs(out, exist_ok=True)
-        text_path = os.path.join(out, "licenses.txt")  # paragraphs become documents; half go to val (used)
-        with open(text_path, "w", encoding="utf-8") as f:
-            f.write("\n\n".join(open(p, encoding="utf-8", errors="replace").read() for p in files))
-        prepare(tokenizer, [{"path": text_path}], out, val_fraction=0.5, seed=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            text_path = os.path.join(tmp, "licenses.txt")  # paragraphs become documents; half go to val (used)
+            with open(text_path, "w", encoding="utf-8") as f:
+                f.write("\n\n".join(open(p, encoding="utf-8", errors="replace").read() for p in files))
+            prepare(tokenizer, [{"path": text_path}], out, val_fraction=0.5, seed=0, overwrite=True)
     return out
 
 
@@ -109,10 +111,15 @@ def run(name, overrides, out_dir, teacher, data_dir, tokens, minutes):
             f"--data_dir={data_dir}", f"--out_dir={out_dir}", *budget, *(o for o in overrides if not o.endswith(".py"))]
     if os.path.isdir(os.path.join(out_dir, "student")):
         return
+    if os.path.exists(os.path.join(out_dir, "ckpt.pt")):  # a run that failed or was stopped: go on from it
+        args.append("--resume=True")
     print(f"--- {name}: {' '.join(args[2:])}", flush=True)
     t0 = time.time()
-    with open(out_dir + ".log", "w") as log:
-        subprocess.run(args, check=True, stdout=log, stderr=subprocess.STDOUT)
+    with open(out_dir + ".log", "a") as log:
+        code = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code:
+        raise RuntimeError(f"run {name!r} failed (exit status {code}): see the end of {out_dir}.log; finished runs "
+                           "are kept and this one resumes from its checkpoint when the same command runs again")
     with open(os.path.join(out_dir, "wall_time"), "w") as f:
         f.write(f"{time.time() - t0:.0f}")
 
@@ -181,6 +188,14 @@ def main():
                    "wall-time bound per run (compiled, as python demo.py runs); results/<set>-<minutes>min.md")
     p.add_argument("--only", default="", help="comma-separated run names (default: all of the set)")
     args = p.parse_args()
+    if args.tokens < 8 * 256 and not args.minutes:  # run() trains tokens // (8 * 256) steps
+        raise ValueError(f"--tokens={args.tokens}: at least 2048 (one step of 8 x 256 tokens)")
+    if args.minutes < 0:
+        raise ValueError(f"--minutes={args.minutes}: must be >= 0 (0: --tokens sets the budget)")
+    unknown = [n for n in args.only.split(",") if n and n not in SETS[args.set]]
+    if unknown:
+        raise ValueError(f"--only: no run named {unknown[0]!r} in the set {args.set!r}; "
+                         f"its runs: {list(SETS[args.set])}")
     teacher_dir = demo.convert_teacher()
     tokenizer = load_tokenizer(teacher_dir)
     data_dir = demo.prepare_corpus(tokenizer)
@@ -199,4 +214,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_or_exit(main)

@@ -28,7 +28,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
-from model import RMSNorm, Transformer, rope_cos_sin
+from model import RMSNorm, Transformer, atomic_dir, rope_cos_sin
 
 # Input-side weights read the residual stream: W_S = W_T @ P  (Eq. 2).
 INPUT_SIDE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -296,16 +296,18 @@ class LowRankClone(nn.Module):
 
     def export(self, path: str, dtype=torch.float32, tokenizer_dir: str | None = None):
         """Write the student as an HF dir: config.json with hidden_size = d_S, explicit head_dim, the
-        teacher's eps and tying; safetensors; the teacher's tokenizer files."""
+        teacher's eps and tying; safetensors; the teacher's tokenizer files. Written into a temporary sibling,
+        then renamed over path (model.atomic_dir): a failed export never leaves half a student."""
         c = self.config
         if c.model_type == "llama" and c.hidden_size % c.num_attention_heads:
             warnings.warn(f"exporting a Llama student with hidden_size {c.hidden_size} not a multiple of "
                           f"{c.num_attention_heads} heads: model.py and vLLM load it, transformers 5 refuses it")
-        self.student(dtype).save_pretrained(path, dtype=dtype)
-        if tokenizer_dir:
-            for name in TOKENIZER_FILES:
-                if os.path.exists(os.path.join(tokenizer_dir, name)):
-                    shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(path, name))
+        with atomic_dir(path) as tmp:  # a failed export leaves an earlier student at path as it was
+            self.student(dtype).save_pretrained(tmp, dtype=dtype)
+            if tokenizer_dir:
+                for name in TOKENIZER_FILES:
+                    if os.path.exists(os.path.join(tokenizer_dir, name)):
+                        shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -13,12 +13,15 @@ maps onto this module by stripping "model.". RoPE uses HF's rotate-half layout (
 import json
 import math
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -308,19 +311,27 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path: str, device="cpu", dtype=None) -> "Transformer":
         """Load an HF dir (model.safetensors, or shards listed in model.safetensors.index.json).
         The module is built on the meta device and the loaded tensors are assigned, not copied."""
-        cfg = ModelConfig.from_hf(read_json(os.path.join(path, "config.json")))
+        config_path = os.path.join(path, "config.json")
+        try:
+            cfg = ModelConfig.from_hf(read_json(config_path))
+        except KeyError as e:
+            raise ValueError(f"{config_path} lacks the key {e}: not an HF config.json of a Qwen2/Llama model") from None
         with torch.device("meta"):
             model = cls(cfg)
         expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
         sd = {}
         for file in checkpoint_files(path):
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    name = key.removeprefix("model.")
-                    if cfg.tie_word_embeddings and name == "lm_head.weight":
-                        continue  # some tied checkpoints store the head as well; the embedding wins
-                    t = f.get_tensor(key)
-                    sd[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            try:
+                with safe_open(file, framework="pt", device=str(device)) as f:
+                    for key in f.keys():
+                        name = key.removeprefix("model.")
+                        if cfg.tie_word_embeddings and name == "lm_head.weight":
+                            continue  # some tied checkpoints store the head as well; the embedding wins
+                        t = f.get_tensor(key)
+                        sd[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            except SafetensorError as e:  # safetensors' own message names no file
+                raise ValueError(f"{file} is unreadable ({e}): the file is truncated or corrupt; "
+                                 "copy or download it again") from None
         missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
         if missing or unexpected:
             raise ValueError(f"{path}: checkpoint does not match config.json: missing {missing[:8]}"
@@ -392,8 +403,42 @@ def checkpoint_files(path: str) -> list[str]:
 def read_json(path: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: the parser's message names no file
+        raise ValueError(f"{path} is not valid JSON ({e}): fix the file or copy it again") from None
+
+
+@contextmanager
+def atomic_dir(path: str, overwrite: bool = True):
+    """Write a directory all at once: yields a fresh temporary sibling of path to fill; when the block ends
+    without an error, the sibling is renamed to path (an existing path is replaced only if overwrite);
+    on an error it is deleted and path is left exactly as it was. A kill mid-write leaves a hidden
+    '.NAME.tmp-*' sibling behind, never a half-written path."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the final dir should read like any other
+    try:
+        yield tmp
+        if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+            if not overwrite:
+                raise FileExistsError(f"{path} exists and would be replaced")
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.replace(path, os.path.join(old, name))  # out of the way; deleted once the new one is in place
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(os.path.join(old, name), path)  # put the old one back
+                os.rmdir(old)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)  # renames onto an empty dir as well
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: str, obj: dict):

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from configurator import configure_or_exit
+from configurator import AT_LEAST_1, NON_NEGATIVE, PROBABILITY, check_ranges, configure_or_exit, run_or_exit
 from data import load_tokenizer
 from model import Transformer, read_json
 from train import load_student, resolve_system, tokenizer_dir
@@ -32,9 +32,9 @@ DEFAULTS = dict(
     chat=False,  # render the prompt as a user message with the model's chat template
     num_samples=1,
     max_new_tokens=256,
-    temperature=0.8,  # 0 = greedy
+    temperature=0.8,  # 0 = greedy; >= 0
     top_k=200,  # 0 = off
-    top_p=1.0,  # 1.0 = off
+    top_p=1.0,  # 1.0 = off; in (0, 1]
     seed=1337,
     device="auto",  # auto: cuda if available, else cpu
     dtype="auto",  # auto: bfloat16 on cuda, float32 on cpu
@@ -78,6 +78,8 @@ def load(path, device, dtype):
 def read_prompt(prompt):
     """--prompt as text: FILE:path reads a file (as nanoGPT does), - reads stdin."""
     if prompt.startswith("FILE:"):
+        if not os.path.isfile(prompt[5:]):
+            raise FileNotFoundError(f"--prompt=FILE:{prompt[5:]}: no such file (FILE:path reads the prompt from it)")
         with open(prompt[5:], encoding="utf-8") as f:
             return f.read()
     return sys.stdin.read() if prompt == "-" else prompt
@@ -128,27 +130,27 @@ def chat_loop(model, tok, eos, cfg, generator):
         history.append({"role": "assistant", "content": tok.decode(reply)})
 
 
+def sample(cfg, out_root="out"):
+    check_ranges(cfg, {"num_samples": AT_LEAST_1, "max_new_tokens": AT_LEAST_1, "temperature": NON_NEGATIVE,
+                       "top_k": NON_NEGATIVE, "top_p": PROBABILITY})
+    device, dtype = resolve_system(cfg)
+    model, tok, eos = load(resolve_model(cfg["model"], out_root), device, dtype)
+    generator = torch.Generator(device).manual_seed(cfg["seed"])
+    if not cfg["prompt"] and sys.stdin is not None and sys.stdin.isatty():
+        return chat_loop(model, tok, eos, cfg, generator)
+    text = read_prompt(cfg["prompt"])
+    ids = prompt_ids(tok, text, cfg["chat"])
+    for k in range(cfg["num_samples"]):
+        if k:
+            print("---------------")
+        if not cfg["chat"]:  # a completion reads on from its prompt
+            sys.stdout.write(text)
+        stream(model, tok, ids, eos, cfg, generator)
+
+
 def main(argv=None, out_root="out"):
-    cfg = configure_or_exit(DEFAULTS, argv)
-    try:
-        device, dtype = resolve_system(cfg)
-        model, tok, eos = load(resolve_model(cfg["model"], out_root), device, dtype)
-        generator = torch.Generator(device).manual_seed(cfg["seed"])
-        if not cfg["prompt"] and sys.stdin is not None and sys.stdin.isatty():
-            return chat_loop(model, tok, eos, cfg, generator)
-        text = read_prompt(cfg["prompt"])
-        ids = prompt_ids(tok, text, cfg["chat"])
-        for k in range(cfg["num_samples"]):
-            if k:
-                print("---------------")
-            if not cfg["chat"]:  # a completion reads on from its prompt
-                sys.stdout.write(text)
-            stream(model, tok, ids, eos, cfg, generator)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C ends a chat or a long sample without a traceback
-        sys.exit(130)
+    # a bad path or setting: one line and exit 1 (2 for a bad key or value); Ctrl-C ends a chat quietly (130)
+    run_or_exit(sample, configure_or_exit(DEFAULTS, argv), out_root)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from baselines import LMOnly, TinyBERT, VanillaKD, student_config
-from configurator import configure_or_exit
+from configurator import (AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, check_ranges,
+                          configure_or_exit, run_or_exit)
 from data import Batches, check_compatible, load_tokenizer
 from lrc import CLONE_TERMS, LowRankClone, head_chunk
 from model import ModelConfig, RMSNorm, Transformer, read_json
@@ -111,12 +112,49 @@ def setup_distributed(device):
     return dist.get_rank(), local_rank, dist.get_world_size(), device
 
 
+def resolve_device(device):
+    """'auto': cuda if available, else cpu. A device this machine lacks is an error naming --device, before
+    anything is loaded (not a traceback from deep inside pin_memory or the first .to())."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind, index = torch.device(device).type, torch.device(device).index
+    except RuntimeError:
+        raise ConfigError(f"--device={device} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = "" if torch.version.cuda else ", a CPU-only build"
+        raise ConfigError(f"--device={device}: CUDA is not available on this machine (torch {torch.__version__}"
+                          f"{build}): use --device=cpu, or auto")
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise ConfigError(f"--device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device={device}: MPS is not available on this machine: use --device=cpu, or auto")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device={device}: only cpu, cuda and mps are supported")
+    return device
+
+
+def resolve_dtype(cfg, device):
+    """'auto': bfloat16 on cuda, float32 elsewhere."""
+    check_ranges(cfg, {}, {"dtype": ("auto", "float32", "bfloat16")})
+    return cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+
+
 def resolve_system(cfg):
-    device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
-    return device, dtype
+    device = resolve_device(cfg["device"])
+    return device, resolve_dtype(cfg, device)
+
+
+def check_config(cfg):
+    """The ranges of the settings train() reads (the batch's: resolve_batch; the method's: the model classes)."""
+    unit = (lambda v: 0 <= v < 1, "in [0, 1)")
+    check_ranges(cfg, {
+        **dict.fromkeys(("eval_interval", "eval_batches", "log_interval", "ckpt_interval"), AT_LEAST_1),
+        **dict.fromkeys(("lr", "min_lr", "weight_decay", "grad_clip", "norm_lr_mult", "max_minutes", "stop_at",
+                         "tokens_per_step", "max_tokens", "alpha", "clone_skip", "init_std", "tinybert_hidden",
+                         "tinybert_attn"), NON_NEGATIVE),
+        "temperature": POSITIVE, "warmup_ratio": FRACTION, "alpha_kl": FRACTION, "beta1": unit, "beta2": unit,
+    }, {"decay": ("linear", "cosine"), "method": METHODS, "export_dtype": ("float32", "bfloat16", "float16")})
 
 
 def check_teacher(path):
@@ -185,9 +223,7 @@ def calibration_tokens(cfg, device, windows=32):
 def resolve_batch(cfg, world):
     """(cfg with grad_accum and max_steps derived from the token budget, tokens per step). With tokens_per_step
     and max_tokens a recipe trains the same global batch and the same tokens on any number of ranks."""
-    for key in ("batch_size", "block_size", "grad_accum", "max_steps"):
-        if cfg[key] < 1:
-            raise ValueError(f"{key} must be at least 1, got {cfg[key]}")
+    check_ranges(cfg, dict.fromkeys(("batch_size", "block_size", "grad_accum", "max_steps"), AT_LEAST_1))
     cfg = dict(cfg)
     per_micro = cfg["batch_size"] * cfg["block_size"] * world  # one micro-batch on every rank
     if cfg["tokens_per_step"] > 0:
@@ -354,6 +390,10 @@ def load_student(path, device="cpu"):
     """The trained student as a model.Transformer, from a training checkpoint (teacher + projections)."""
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
+    for key in ("teacher", "init_from"):  # the student is rebuilt from the dirs its run was given
+        if cfg.get(key) and not os.path.isdir(cfg[key]):
+            raise FileNotFoundError(f"{path}: the {key} dir of this run, {cfg[key]!r}, is gone; the student is "
+                                    "built from it: put it back, or use the run's exported student/")
     model = build_model(cfg, device, "float32", load=True)
     model.load_state_dict(ckpt["model"])
     return model.student(), cfg
@@ -391,8 +431,26 @@ def train_step(raw, fwd, optimizer, batches, step, cfg, world, autocast):
     return lr, parts_sum, grad_norm
 
 
-def train(cfg):
+def preflight(cfg):
+    """Every check that needs no file read: ranges, the device, and that a new run would not overwrite a
+    checkpoint. (device, dtype). Run first, so a bad setting is refused at once (demo.py: before it converts)."""
+    check_config(cfg)
+    resolve_batch(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # its checks; train() resolves after DDP setup
+    if cfg["clone_skip"] >= cfg["block_size"]:
+        raise ConfigError(f"--clone_skip={cfg['clone_skip']}: must be below block_size {cfg['block_size']}, or "
+                          "no position is left for the clone loss")
+    if os.path.exists(cfg["out_dir"]) and not os.path.isdir(cfg["out_dir"]):
+        raise ConfigError(f"--out_dir={cfg['out_dir']} is a file: choose a dir")
     device, dtype = resolve_system(cfg)
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if not cfg["resume"] and os.path.exists(ckpt_path):
+        raise ValueError(f"{ckpt_path} exists: pass --resume=True to continue that run, or choose another "
+                         "out_dir (a new run never overwrites a checkpoint)")
+    return device, dtype
+
+
+def train(cfg):
+    device, dtype = preflight(cfg)
     rank, local_rank, world, device = setup_distributed(device)
     cfg, tokens_per_step = resolve_batch(cfg, world)
     master = rank == 0
@@ -418,9 +476,6 @@ def train(cfg):
     os.makedirs(cfg["out_dir"], exist_ok=True)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     step = 0
-    if not cfg["resume"] and os.path.exists(ckpt_path):
-        raise ValueError(f"{ckpt_path} exists: pass --resume=True to continue that run, or choose another "
-                         "out_dir (a new run never overwrites a checkpoint)")
     if cfg["resume"]:
         ckpt = load_checkpoint(ckpt_path)
         changed = {k: (ckpt["config"].get(k), v) for k, v in cfg.items()
@@ -448,8 +503,8 @@ def train(cfg):
         f"{cfg['batch_size']} x {cfg['block_size']}), {tokens_per_step * cfg['max_steps']:,} in {cfg['max_steps']} steps")
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
     if master and step > 0 and os.path.exists(metrics_path):  # drop rows a killed run wrote past its checkpoint
-        with open(metrics_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(metrics_path) as f:  # a line cut short by the kill is dropped too
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
         with open(metrics_path, "w") as f:
             f.writelines(kept)
     metrics = open(metrics_path, "a" if step > 0 else "w") if master else None
@@ -523,9 +578,4 @@ def peak_flops(device):
 
 
 if __name__ == "__main__":
-    config = configure_or_exit(DEFAULTS)
-    try:
-        train(config)
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_or_exit(train, configure_or_exit(DEFAULTS))
