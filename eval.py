@@ -183,7 +183,7 @@ def score(model, pairs, batch_size, max_length, disable_tqdm=True):
     """[(context ids, continuation ids)] -> [(log p(continuation | context), continuation is greedy)].
     Pairs with the same context (a question's choices) share one forward of it: the context runs once, its KV
     cache is copied to one row per choice, and only the continuations run after it. A batch holds contexts of
-    one length (the cache is indexed by position), sorted longest first."""
+    one length (the cache is indexed by position), longest first; the head runs only where a token is scored."""
     from tqdm import tqdm
     groups = {}
     for i, (ctx, cont) in enumerate(pairs):
@@ -199,46 +199,54 @@ def score(model, pairs, batch_size, max_length, disable_tqdm=True):
     for k, ctx in enumerate(order):
         batch.append(ctx)
         nxt = order[k + 1] if k + 1 < len(order) else None
-        rows = sum(len(groups[c]) for c in batch)
-        if nxt is None or len(nxt) != len(ctx) or rows + len(groups[nxt]) > batch_size:
-            _score_batch(model, batch, [groups[c] for c in batch], pairs, out)
-            bar.update(rows)
+        if nxt is None or len(nxt) != len(ctx) or len(batch) == batch_size:
+            members = [groups[c] for c in batch]
+            _score_batch(model, batch, members, pairs, out, batch_size)
+            bar.update(sum(map(len, members)))
             batch = []
     bar.close()
     return out
 
 
-def _score_batch(model, ctxs, members, pairs, out):
+def _score_batch(model, ctxs, members, pairs, out, batch_size):
+    """Score the continuations of G contexts of one length L: one forward of the contexts, then the
+    continuations, sorted by length (little padding), batch_size rows at a time on copies of their context's
+    KV cache."""
     device = model.inv_freq.device
-    owner = [g for g, idx in enumerate(members) for _ in idx]  # context row of each continuation row
-    conts = [pairs[i][1] for idx in members for i in idx]
-    G, L, R, M = len(ctxs), len(ctxs[0]), len(conts), max(len(c) for c in conts)
-    if M > 1:
-        model.setup_cache(R, L + M - 1)
+    rows = sorted(((i, g) for g, idx in enumerate(members) for i in idx), key=lambda r: len(pairs[r[0]][1]))
+    G, L, M = len(ctxs), len(ctxs[0]), len(pairs[rows[-1][0]][1])
+    model.setup_cache(max(G, min(len(rows), batch_size)), L + M - 1)
     try:
-        logits, _ = model(torch.tensor(ctxs, device=device))  # (G, L, V); fills cache rows 0..G-1
-        first = logits[:, -1][owner].float()  # (R, V): predicts each continuation's first token
-        if M > 1:
-            rows = torch.tensor(owner, device=device)
-            for layer in model.layers:  # one cache row per continuation, each a copy of its context's
-                for c in layer.self_attn.cache:
-                    c[:R, :, :L] = c[rows, :, :L]
-            inp = torch.tensor([c[:-1] + [0] * (M - len(c)) for c in conts], device=device)  # right-padded (R, M-1)
-            rest, _ = model(inp, start_pos=L)  # (R, M-1, V)
-            logits = torch.cat([first[:, None], rest.float()], dim=1)  # (R, M, V)
-        else:
-            logits = first[:, None]  # (R, 1, V)
+        h = model.hidden(torch.tensor(ctxs, device=device))  # (G, L, C); fills cache rows 0..G-1
+        first = model.lm_head(h[:, -1]).float()  # (G, V): the logits of each continuation's first token
+        saved = [tuple(c[:G, :, :L].clone() for c in layer.self_attn.cache) for layer in model.layers]
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s:s + batch_size]
+            conts = [pairs[i][1] for i, _ in chunk]
+            owner = torch.tensor([g for _, g in chunk], device=device)
+            R, m = len(chunk), max(map(len, conts))
+            target = torch.tensor([c + [0] * (m - len(c)) for c in conts], device=device)  # (R, m)
+            valid = torch.arange(m, device=device) < torch.tensor([len(c) for c in conts], device=device)[:, None]
+            lp = torch.zeros(R, m, device=device)  # log p of each target token (0 on padding)
+            greedy = torch.ones(R, m, dtype=torch.bool, device=device)  # target is the argmax (True on padding)
+            lp[:, 0], greedy[:, 0] = _logprob(first[owner], target[:, 0])
+            if m > 1:
+                for layer, kv in zip(model.layers, saved):  # each row continues from a copy of its context
+                    for c, c0 in zip(layer.self_attn.cache, kv):
+                        c[:R, :, :L] = c0[owner]
+                hc = model.hidden(target[:, :-1], start_pos=L)  # (R, m-1, C): the continuations less their last
+                v = valid[:, 1:]  # tokens, right-padded; the head runs on scored positions only
+                lp[:, 1:][v], greedy[:, 1:][v] = _logprob(model.lm_head(hc[v]).float(), target[:, 1:][v])
+            lp = lp.sum(1)
+            for r, (i, _) in enumerate(chunk):
+                out[i] = (lp[r].item(), bool(greedy[r].all()))
     finally:
         model.setup_cache(None, 0)
-    target = torch.tensor([c + [0] * (M - len(c)) for c in conts], device=device)  # (R, M)
-    lp = logits.gather(-1, target[..., None])[..., 0] - logits.logsumexp(-1)  # (R, M) log p of each target
-    greedy = logits.argmax(-1) == target
-    r = 0
-    for idx in members:
-        for i in idx:
-            n = len(pairs[i][1])
-            out[i] = (lp[r, :n].sum().item(), bool(greedy[r, :n].all()))
-            r += 1
+
+
+def _logprob(logits, target):
+    """logits (N, V) fp32, target (N,) -> log p(target) (N,), target is the argmax (N,)."""
+    return logits.gather(-1, target[:, None])[:, 0] - logits.logsumexp(-1), logits.argmax(-1) == target
 
 
 # -----------------------------------------------------------------------------
