@@ -195,3 +195,17 @@ def test_bad_inputs_are_one_line_errors(hf_dir, task_dir, tmp_path, capsys):
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: unknown task 'tiny_mcq'; did you mean tiny_mc")
+
+
+def test_training_checkpoint_evaluates_as_its_export(hf_dir, task_dir, tmp_path):
+    import train
+    c = {**train.DEFAULTS, "teacher": hf_dir, "d_student": 32, "out_dir": str(tmp_path)}
+    torch.manual_seed(0)
+    lrc = train.build_model(c, "cpu", "float32")
+    torch.save({"model": lrc.state_dict(), "config": c, "step": 0}, tmp_path / "ckpt.pt")
+    argv = ["--tasks=tiny_mc", f"--include_path={task_dir}", "--limit=6", f"--output_path={tmp_path / 'r.json'}"]
+    from_ckpt = ev.main([f"--model={tmp_path / 'ckpt.pt'}"] + argv)["lm_eval"]["student"]["results"]
+    lrc.export(str(tmp_path / "student"), tokenizer_dir=hf_dir)
+    from_export = ev.main([f"--model={tmp_path}"] + argv)  # a finished run: its student/
+    assert from_export["model"] == str(tmp_path / "student")
+    assert from_export["lm_eval"]["student"]["results"]["tiny_mc"]["acc,none"] == from_ckpt["tiny_mc"]["acc,none"]
