@@ -181,9 +181,9 @@ def make_lm(model, tok, eos, add_bos, batch_size):
 @torch.no_grad()
 def score(model, pairs, batch_size, max_length, disable_tqdm=True):
     """[(context ids, continuation ids)] -> [(log p(continuation | context), continuation is greedy)].
-    Pairs with the same context (a question's choices) share one forward of it: the context runs once, its KV
-    cache is copied to one row per choice, and only the continuations run after it. A batch holds contexts of
-    one length (the cache is indexed by position), longest first; the head runs only where a token is scored."""
+    Pairs with the same context (a question's choices) share one forward of it: batch_size contexts run at once
+    (right-padded, longest first), each one's KV cache is copied to one row per choice, and only the
+    continuations run after it; the head runs only where a token is scored."""
     from tqdm import tqdm
     groups = {}
     for i, (ctx, cont) in enumerate(pairs):
@@ -195,33 +195,36 @@ def score(model, pairs, batch_size, max_length, disable_tqdm=True):
     order = sorted(groups, key=lambda c: (-len(c), c))
     out = [None] * len(pairs)
     bar = tqdm(total=len(pairs), disable=disable_tqdm, desc="loglikelihood")
-    batch = []
-    for k, ctx in enumerate(order):
-        batch.append(ctx)
-        nxt = order[k + 1] if k + 1 < len(order) else None
-        if nxt is None or len(nxt) != len(ctx) or len(batch) == batch_size:
-            members = [groups[c] for c in batch]
-            _score_batch(model, batch, members, pairs, out, batch_size)
-            bar.update(sum(map(len, members)))
-            batch = []
+    for s in range(0, len(order), batch_size):
+        ctxs = order[s:s + batch_size]
+        _score_batch(model, ctxs, [groups[c] for c in ctxs], pairs, out, batch_size)
+        bar.update(sum(len(groups[c]) for c in ctxs))
     bar.close()
     return out
 
 
 def _score_batch(model, ctxs, members, pairs, out, batch_size):
-    """Score the continuations of G contexts of one length L: one forward of the contexts, then the
-    continuations, sorted by length (little padding), batch_size rows at a time on copies of their context's
-    KV cache."""
+    """Score the continuations of G contexts: one forward of the contexts (right padding is harmless: attention
+    is causal), then the continuations of the contexts of each length L, from position L on copies of their
+    context's KV cache, sorted by length (little padding), batch_size rows at a time."""
     device = model.inv_freq.device
-    rows = sorted(((i, g) for g, idx in enumerate(members) for i in idx), key=lambda r: len(pairs[r[0]][1]))
-    G, L, M = len(ctxs), len(ctxs[0]), len(pairs[rows[-1][0]][1])
-    model.setup_cache(max(G, min(len(rows), batch_size)), L + M - 1)
+    lens = [len(c) for c in ctxs]
+    rows = sorted(((i, g) for g, idx in enumerate(members) for i in idx),
+                  key=lambda r: (lens[r[1]], len(pairs[r[0]][1])))  # by context length, then continuation length
+    G, M = len(ctxs), max(len(pairs[i][1]) for i, _ in rows)
+    model.setup_cache(max(G, min(len(rows), batch_size)), max(lens) + M - 1)
     try:
-        h = model.hidden(torch.tensor(ctxs, device=device))  # (G, L, C); fills cache rows 0..G-1
-        first = model.lm_head(h[:, -1]).float()  # (G, V): the logits of each continuation's first token
-        saved = [tuple(c[:G, :, :L].clone() for c in layer.self_attn.cache) for layer in model.layers]
-        for s in range(0, len(rows), batch_size):
-            chunk = rows[s:s + batch_size]
+        x = torch.tensor([list(c) + [0] * (lens[0] - len(c)) for c in ctxs], device=device)  # (G, L_max)
+        h = model.hidden(x)  # (G, L_max, C); fills cache rows 0..G-1
+        first = model.lm_head(h[torch.arange(G, device=device), torch.tensor(lens, device=device) - 1]).float()
+        saved = [tuple(c[:G, :, :lens[0]].clone() for c in layer.self_attn.cache) for layer in model.layers]
+        s = 0
+        while s < len(rows):  # a chunk: rows whose contexts have one length L, at most batch_size of them
+            L = lens[rows[s][1]]
+            e = s
+            while e < len(rows) and e - s < batch_size and lens[rows[e][1]] == L:
+                e += 1
+            chunk, s = rows[s:e], e
             conts = [pairs[i][1] for i, _ in chunk]
             owner = torch.tensor([g for _, g in chunk], device=device)
             R, m = len(chunk), max(map(len, conts))
@@ -233,7 +236,7 @@ def _score_batch(model, ctxs, members, pairs, out, batch_size):
             if m > 1:
                 for layer, kv in zip(model.layers, saved):  # each row continues from a copy of its context
                     for c, c0 in zip(layer.self_attn.cache, kv):
-                        c[:R, :, :L] = c0[owner]
+                        c[:R, :, :L] = c0[owner, :, :L]
                 hc = model.hidden(target[:, :-1], start_pos=L)  # (R, m-1, C): the continuations less their last
                 v = valid[:, 1:]  # tokens, right-padded; the head runs on scored positions only
                 lp[:, 1:][v], greedy[:, 1:][v] = _logprob(model.lm_head(hc[v]).float(), target[:, 1:][v])
