@@ -181,8 +181,8 @@ def make_lm(model, tok, eos, add_bos, batch_size):
 @torch.no_grad()
 def score(model, pairs, batch_size, max_length, disable_tqdm=True):
     """[(context ids, continuation ids)] -> [(log p(continuation | context), continuation is greedy)].
-    Pairs with the same context (a question's choices) share one forward of it: batch_size contexts run at once
-    (right-padded, longest first), each one's KV cache is copied to one row per choice, and only the
+    Pairs with the same context (a question's choices) share one forward of it: up to batch_size contexts run at
+    once (right-padded, longest first), each one's KV cache is copied to one row per choice, and only the
     continuations run after it; the head runs only where a token is scored."""
     from tqdm import tqdm
     groups = {}
@@ -195,10 +195,15 @@ def score(model, pairs, batch_size, max_length, disable_tqdm=True):
     order = sorted(groups, key=lambda c: (-len(c), c))
     out = [None] * len(pairs)
     bar = tqdm(total=len(pairs), disable=disable_tqdm, desc="loglikelihood")
-    for s in range(0, len(order), batch_size):
-        ctxs = order[s:s + batch_size]
-        _score_batch(model, ctxs, [groups[c] for c in ctxs], pairs, out, batch_size)
-        bar.update(sum(len(groups[c]) for c in ctxs))
+    batch = []
+    for k, ctx in enumerate(order):
+        batch.append(ctx)
+        nxt = order[k + 1] if k + 1 < len(order) else None
+        # a batch ends at batch_size contexts, or before one 20% shorter than its first (bounded padding)
+        if nxt is None or len(batch) == batch_size or len(nxt) < 0.8 * len(batch[0]):
+            _score_batch(model, batch, [groups[c] for c in batch], pairs, out, batch_size)
+            bar.update(sum(len(groups[c]) for c in batch))
+            batch = []
     bar.close()
     return out
 
