@@ -253,6 +253,7 @@ def test_demo_py(finished, tiny_data, tmp_path, arg, code, message):
     ("smoke --steps=1", 2, "steps must be at least 2"),
     ("smoke --out={out}", 1, "exists: remove it or choose another --out"),
     pytest.param("model --device=cuda", 2, "CUDA is not available", marks=NO_CUDA),
+    ("memory config/lrc_qwen.py --checkpoint=True", 2, "the dry run cannot predict activation checkpointing"),
 ])
 def test_bench_py(finished, args, code, message):
     kept = {finished: tree_state(finished)}
