@@ -326,7 +326,8 @@ def evaluate(model, batches, n_batches, autocast):
         x, y = xy(batches.get_batch("val", k))
         with autocast:
             h_s = student.hidden(x).flatten(0, 1)  # (B*T, d_S)
-            h_t, w_t = (teacher.hidden(x).flatten(0, 1), teacher.lm_head.weight) if teacher is not None else (None, None)
+            h_t = teacher.hidden(x).flatten(0, 1) if teacher is not None else None  # (B*T, d_T)
+            w_t = teacher.lm_head.weight if teacher is not None else None
             s = val_sums(h_s, student.lm_head.weight, h_t, w_t, y.flatten())
         sums = s if sums is None else sums + s
     if sums is None:  # more ranks than val batches: this rank evaluated none
@@ -336,7 +337,8 @@ def evaluate(model, batches, n_batches, autocast):
     if teacher is None:
         return {"val_loss": (sums[0] / sums[1]).item()}
     nll_s, nll_t, kl, agree, n_valid, n = sums.tolist()
-    return {"val_loss": nll_s / n_valid, "teacher_val_loss": nll_t / n_valid, "val_kl": kl / n, "val_agreement": agree / n}
+    return {"val_loss": nll_s / n_valid, "teacher_val_loss": nll_t / n_valid, "val_kl": kl / n,
+            "val_agreement": agree / n}
 
 
 def val_sums(h_s, w_s, h_t, w_t, y):

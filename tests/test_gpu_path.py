@@ -318,3 +318,33 @@ def test_bench_smoke_on_cpu(tmp_path):
                         f"--out={tmp_path}/smoke"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "smoke: all 4 checks passed" in r.stdout, r.stdout[-3000:]
+
+
+# -----------------------------------------------------------------------------
+# evaluation builds logits a chunk of tokens at a time: the same numbers as whole logits
+
+def test_chunked_evaluation_equals_whole_logits(monkeypatch, tiny_data, tiny_teacher):
+    """train.evaluate (chunks of 7 tokens here, a short last one) against the metrics written out on whole
+    [B, T, V] logits with torch's own functions: NLL of both models, per-token KL(p_T || p_S), agreement."""
+    import lrc
+    from data import Batches
+    torch.manual_seed(0)
+    teacher = Transformer.from_pretrained(tiny_teacher)
+    model = LowRankClone(teacher, 16)
+    with torch.no_grad():
+        for p in model.projections():
+            p.normal_(std=0.15)
+    batches = Batches(tiny_data, batch_size=2, block_size=32)
+    monkeypatch.setitem(lrc.HEAD_CHUNK_ELEMENTS, "cpu", 7 * teacher.config.vocab_size)
+    ev = train.evaluate(model, batches, 3, torch.autocast("cpu", enabled=False))
+    x = torch.cat([batches.get_batch("val", k)[0] for k in range(3)])
+    y = torch.cat([batches.get_batch("val", k)[1] for k in range(3)])
+    with torch.no_grad():
+        s, t = model.student()(x)[0].flatten(0, 1), teacher(x)[0].flatten(0, 1)  # (N, V)
+    kl = torch.nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum") / len(s)
+    want = {"val_loss": torch.nn.functional.cross_entropy(s, y.flatten()).item(),
+            "teacher_val_loss": torch.nn.functional.cross_entropy(t, y.flatten()).item(),
+            "val_kl": kl.item(), "val_agreement": (s.argmax(-1) == t.argmax(-1)).float().mean().item()}
+    assert 0 < want["val_agreement"] < 1 and want["val_kl"] > 1e-3  # a student that differs from its teacher
+    for k, v in want.items():
+        assert ev[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
