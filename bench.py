@@ -192,6 +192,12 @@ def bench_model(o):
 # -----------------------------------------------------------------------------
 # step: one training step, by stage, per variant
 
+def without_pca(cfg):
+    """cfg with init "normal" in place of "pca", which needs training data: time and memory do not depend on
+    where the projections start."""
+    return {**cfg, "init": "normal" if cfg["init"] == "pca" else cfg["init"]}
+
+
 def variant_config(cfg, name):
     cfg = dict(cfg)
     for part in name.split("+"):
@@ -205,8 +211,7 @@ def step_variant(cfg):
     """Median stage times and the peak memory of one training step of cfg (run in a fresh process)."""
     device, dtype = train.resolve_system(cfg)
     torch.manual_seed(cfg["seed"])
-    # init "pca" needs training data; a step's time does not depend on where the projections start
-    model = train.build_model({**cfg, "init": "normal" if cfg["init"] == "pca" else cfg["init"]}, device, dtype)
+    model = train.build_model(without_pca(cfg), device, dtype)
     optimizer = train.make_optimizer(model, cfg)
     fwd = torch.compile(model) if cfg["compile"] else model
     autocast = autocast_for(device, dtype)
@@ -351,27 +356,34 @@ def bench_head(o):
 # -----------------------------------------------------------------------------
 # smoke: the GPU-only paths, end to end
 
-def write_byte_tokenizer(path):
-    """A byte-level tokenizer (256 bytes + ChatML specials, no merges; EOS <|im_end|> = 258) as HF files."""
+def write_tokenizer(path, merges=(), specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), pre_tokenizer=None,
+                    chat_template=None):
+    """A byte-level BPE tokenizer as HF files (tokenizer.json, tokenizer_config.json): the 256 byte tokens, then
+    one token per merge, then the specials; EOS <|im_end|> (258 without merges). For tests and the smoke run."""
     os.makedirs(path, exist_ok=True)
     vocab = {c: b for b, c in bytes_to_unicode().items()}
-    specials = [{"id": 256 + i, "content": t, "special": True, "single_word": False, "lstrip": False,
-                 "rstrip": False, "normalized": False} for i, t in enumerate(("<|endoftext|>", "<|im_start|>",
-                                                                              "<|im_end|>"))]
+    for m in merges:
+        vocab.setdefault(m.replace(" ", ""), len(vocab))
+    added = [{"id": len(vocab) + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, t in enumerate(specials)]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    tokenizer = {"version": "1.0", "added_tokens": specials, "normalizer": None, "pre_tokenizer": byte_level,
-                 "post_processor": None, "decoder": byte_level,
-                 "model": {"type": "BPE", "vocab": vocab, "merges": [], "unk_token": None, "byte_fallback": False}}
+    tokenizer = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+                 "pre_tokenizer": pre_tokenizer or byte_level, "post_processor": None, "decoder": byte_level,
+                 "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                           "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                           "ignore_merges": False, "vocab": vocab, "merges": list(merges)}}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
+              **({"chat_template": chat_template} if chat_template else {})}
     with open(os.path.join(path, "tokenizer.json"), "w") as f:
         json.dump(tokenizer, f)
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": "<|im_end|>", "bos_token": None}, f)
+        json.dump(config, f)
     return path
 
 
 def write_random_teacher(path, cfg: ModelConfig, device="cpu", dtype=torch.float32, seed=0):
     """An HF dir with random weights of any shape (a real model's config.json, say) and the byte tokenizer."""
-    write_byte_tokenizer(path)
+    write_tokenizer(path)
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         Transformer(cfg).to(dtype).init_weights(0.05).save_pretrained(path, dtype=dtype)
@@ -620,7 +632,7 @@ def step_and_eval(cfg, world, device, mem, hooks=None):
     the second step's."""
     dtype = train.resolve_dtype(cfg, "cuda" if device == FAKE_DEVICE else device)  # the fake GPU's dtype is CUDA's
     autocast = autocast_for(device, dtype)
-    cfg = {**cfg, "init": "normal" if cfg["init"] == "pca" else cfg["init"], "compile": False}
+    cfg = {**without_pca(cfg), "compile": False}
     with mem.phase("parameters"):
         model = train.build_model(cfg, device, dtype)
         optimizer = train.make_optimizer(model, cfg)

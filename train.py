@@ -344,9 +344,9 @@ def evaluate(model, batches, n_batches, autocast):
 def val_sums(h_s, w_s, h_t, w_t, y):
     """Sums over tokens, in fp32, chunk by chunk: student NLL, [teacher NLL, KL(p_T || p_S), top-1 agreement,]
     targets counted (y != -100), [tokens]."""
-    out = []
-    for i in range(0, len(y), head_chunk(w_s.shape[0], y.device)):
-        j = i + head_chunk(w_s.shape[0], y.device)
+    out, chunk = [], head_chunk(w_s.shape[0], y.device)
+    for i in range(0, len(y), chunk):
+        j = i + chunk
         z_s = (h_s[i:j] @ w_s.T).float()  # (chunk, V)
         nll_s = F.cross_entropy(z_s, y[i:j], ignore_index=-100, reduction="sum")
         n_valid = (y[i:j] != -100).sum().float()

@@ -1,6 +1,5 @@
 """Shared fixtures: the converted SmolLM2 teacher, the packaged Llama-3 tokenizer, and tiny synthetic tokenizers."""
 import importlib.util
-import json
 
 import pytest
 
@@ -42,24 +41,9 @@ def make_tokenizer_dir(tmp_path_factory):
     """make_tokenizer_dir(merges=, pre_tokenizer=, chat_template=) -> a dir holding a tiny byte-level BPE tokenizer."""
     def make(merges=TINY_MERGES, pre_tokenizer=None, chat_template=None,
              specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>")):
-        from data import bytes_to_unicode
-        vocab = {c: b for b, c in bytes_to_unicode().items()}
-        for m in merges:
-            vocab.setdefault(m.replace(" ", ""), len(vocab))
-        added = [{"id": len(vocab) + i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                  "normalized": False, "special": True} for i, s in enumerate(specials)]
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-        tj = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-              "pre_tokenizer": pre_tokenizer or byte_level, "post_processor": None, "decoder": byte_level,
-              "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                        "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                        "ignore_merges": False, "vocab": vocab, "merges": list(merges)}}
-        tc = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
-              "chat_template": chat_template or CHATML_TEMPLATE}
-        path = tmp_path_factory.mktemp("tok")
-        (path / "tokenizer.json").write_text(json.dumps(tj))
-        (path / "tokenizer_config.json").write_text(json.dumps(tc))
-        return str(path)
+        from bench import write_tokenizer
+        return write_tokenizer(str(tmp_path_factory.mktemp("tok")), merges, specials, pre_tokenizer,
+                               chat_template or CHATML_TEMPLATE)
     return make
 
 
