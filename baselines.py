@@ -27,7 +27,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from lrc import LowRankClone, distill_head, mse
+from losses import distill_head, mse
+from lrc import LowRankClone
 from model import ModelConfig, Transformer, read_json, rope_cos_sin
 
 KL_REDUCTIONS = ("batchmean", "token")

@@ -13,12 +13,12 @@ model  forward tokens/s (batch_size x block_size, no grad) and greedy generation
        teacher), run alternately, median of iters after warmup; plus their logits' max |diff| and greedy agreement.
 step   one training step of a train.py config (default config/lrc_demo.py and the demo teacher) on random tokens
        (grad_accum micro-batches of batch_size x block_size): forward, backward, optimizer (clip +
-       Adam); timed alone, the teacher forward (no grad) and the loss head (lrc.distill_head, forward + backward,
+       Adam); timed alone, the teacher forward (no grad) and the loss head (losses.distill_head, forward + backward,
        on random hidden states of the step's shape); the student forward is then about forward - teacher - head.
        tokens/s, MFU (train.flops_per_token against train.peak_flops, or --peak_tflops), peak memory.
        --variants: one row each, '+'-joined parts of fp32 | bf16 | compile | eager | ckpt (activation checkpointing)
        | permicro (LRC weights generated per micro-batch instead of once per step) on top of the config.
-head   the loss stage alone, plain (full logits h @ W.T, lrc.distill_losses, backward) vs fused (lrc.distill_head,
+head   the loss stage alone, plain (full logits h @ W.T, losses.distill_losses, backward) vs fused (losses.distill_head,
        backward): time and peak memory above the inputs, and the two's max |diff| in losses and gradients.
 smoke  every path that only a GPU takes, end to end as a user runs it, on a small random teacher (no download):
        torchrun with nccl (1 process; 2 with 2+ GPUs, there with zero, epoch sampling and a wall-time stop),
@@ -64,7 +64,7 @@ import train
 from configurator import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, ConfigError, check_ranges, configure_or_exit,
                           run_or_exit)
 from data import bytes_to_unicode, load_tokenizer, prepare
-from lrc import distill_head, distill_losses
+from losses import distill_head, distill_losses
 from model import ModelConfig, Transformer, read_json
 
 MODEL_OPTS = dict(teacher="", device="auto", dtype="float32", batch_size=8, block_size=256, prompt_len=16,

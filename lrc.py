@@ -1,11 +1,14 @@
 """
 Low-Rank Clone (Hao et al., 2025, "A Token is Worth over 1,000 Tokens"), Sec. 4, in the paper's order:
 
-  1. low-rank projections generate every student weight from the frozen teacher's (Eq. 1-3),
-  2. the student runs through the same model.py code, layer by layer beside the teacher,
-  3. activation clone: MSE between student and teacher q, k, v, gate, up and the layer outputs (Eq. 4-6),
-  4. the total loss L = L_KL + L_LM + alpha * L_clone (Eq. 7),
-  5. export of the student as a plain HF checkpoint.
+  1. projections: the trainable set, one P per teacher matrix, and the student's RMSNorms  (Sec. 4.2.1)
+  2. generated weights: every student weight W^S = W^T W^p from the frozen teacher's    (Sec. 4.2.1)
+  3. the interleaved forward: teacher and student layer by layer through the same model.py code, with the
+     activation clone, MSE between student and teacher q, k, v, gate, up and the two module outputs,
+     the teacher's mapped through the student's own P_o, P_down                            (Sec. 4.2.2, 4.2.4)
+  4. the loss L = L_KL + L_LM + alpha * L_clone (KL and LM in losses.py)                   (Sec. 4.2.3)
+  5. the student as a plain model.Transformer, and its export as an HF checkpoint
+  Initialisations: where the projections start (normal, the paper's; identity; pca), all in one section.
 
     teacher = Transformer.from_pretrained("teacher_dir")
     lrc = LowRankClone(teacher, d_student=256)
@@ -28,17 +31,21 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
+from losses import distill_head, mse
 from model import RMSNorm, Transformer, atomic_dir, rope_cos_sin
 
-# Input-side weights read the residual stream: W_S = W_T @ P  (Eq. 2).
+# Sec. 4.2.1 writes one formula for the seven matrices m of layer i: W^S_{m,i} = W^T_{m,i} W^p_{m,i}, with the
+# hidden size as the last axis of W^T (d_m x d_T) and W^p = P in R^{d_T x d_S}. An nn.Linear weight is [out, in].
+# q, k, v, gate, up read the residual stream: the hidden size is `in`, the last axis, and W_S = W_T @ P as written.
 INPUT_SIDE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
               "gate": "mlp.gate_proj", "up": "mlp.up_proj"}
-# Output-side weights write the residual stream: W_S = P^T @ W_T  (Eq. 3).
+# o, down write the residual stream: the hidden size is `out`, the first axis, so the paper's W^T is our W_T^T;
+# its W^S = W_T^T @ P, turned back into [out, in], is W_S = P^T @ W_T.
 OUTPUT_SIDE = {"o": "self_attn.o_proj", "down": "mlp.down_proj"}
-# Clone terms (Eq. 5): the five linear outputs compared directly, the two layer outputs through P.
+# Clone terms (Sec. 4.2.2): the five linear outputs compared directly, the two module outputs through P.
 CLONE_TERMS = ("q", "k", "v", "gate", "up", "attn_out", "ffn_out")
 OUTPUT_TERMS = {"attn_out": "o", "ffn_out": "down"}  # which projection maps the teacher's output down
-INITS = ("normal", "identity", "pca", None)  # None: left uninitialised, for a checkpoint's weights to be loaded
+INITS = ("normal", "identity", "pca", None)  # see init_projections; None: left uninitialised, for loaded weights
 
 
 class LowRankClone(nn.Module):
@@ -46,6 +53,7 @@ class LowRankClone(nn.Module):
     matrices. Everything registered in this module is trained; the teacher is deliberately kept out of
     the module tree, so it is never in parameters(), state_dict(), the optimizer or DDP's buckets."""
 
+    # -- 1. projections (Sec. 4.2.1) ------------------------------------------------------------
     def __init__(self, teacher: Transformer, d_student: int, clone_terms=CLONE_TERMS, alpha=0.5,
                  temperature=40.0, kl_reduction="batchmean", alignment="reuse", init="normal", init_std=0.02,
                  clone_norm="none", clone_skip=0, checkpoint_layers=False, calibration=None):
@@ -60,19 +68,19 @@ class LowRankClone(nn.Module):
         # clone_skip leaves the first positions of each window (the attention sink) out of the clone loss.
         self.clone_norm, self.clone_skip = clone_norm, clone_skip
         self.checkpoint_layers = checkpoint_layers  # activation checkpointing per (teacher, student) layer pair
-        self.weights, self.grad_sums = None, None  # inside accumulate(): the step's weights, their gradient sums
+        self.weights, self.grad_sums = None, None  # set only inside accumulate(): see there and forward
         # Same depth, heads, head_dim, FFN width, vocabulary and RoPE; only the residual width shrinks.
         self.config = dataclasses.replace(tc, hidden_size=d_student)
-        with torch.device("meta"):  # the student's architecture only; its weights are generated (Eq. 1)
+        with torch.device("meta"):  # the student's architecture only; its weights are generated (section 2)
             object.__setattr__(self, "skeleton", Transformer(self.config))
         dev, dT, dS = teacher.embed_tokens.weight.device, tc.hidden_size, d_student
 
         def proj():
             return nn.Parameter(torch.empty(dT, dS, device=dev))
         self.proj = nn.ModuleList(nn.ParameterDict({m: proj() for m in (*INPUT_SIDE, *OUTPUT_SIDE)})
-                                  for _ in teacher.layers)  # P_{m,i}
-        self.p_emb = proj()  # E_S = E_T @ P_emb
-        self.p_lm = None if tc.tie_word_embeddings else proj()  # H_S = H_T @ P_lm (untied teachers)
+                                  for _ in teacher.layers)  # W^p_{m,i}
+        self.p_emb = proj()  # W^p_emb
+        self.p_lm = None if tc.tie_word_embeddings else proj()  # W^p_lm (untied teachers; a tied head reuses W^p_emb)
         # Student RMSNorms: new weights (init 1.0), the teacher's eps; built as modules, so trainable.
         self.norms = nn.ModuleList(nn.ModuleDict({"input_layernorm": RMSNorm(dS, tc.rms_norm_eps),
                                                   "post_attention_layernorm": RMSNorm(dS, tc.rms_norm_eps)})
@@ -82,87 +90,17 @@ class LowRankClone(nn.Module):
         self.align = None if alignment == "reuse" else nn.ModuleList(  # only for output terms in use
             nn.ParameterDict({OUTPUT_TERMS[t]: proj() for t in self.clone_terms if t in OUTPUT_TERMS})
             for _ in teacher.layers)
-        if init == "pca" and calibration is None:
-            raise ValueError("init='pca' needs calibration=token ids [N, T] from the training data")
         if init is not None:
             self.init_projections(init, init_std, calibration)
-
-    @torch.no_grad()
-    def init_projections(self, init="normal", std=0.02, calibration=None):
-        """normal: every P ~ N(0, std), norms 1.0 (paper and official code). identity: P = the first d_S
-        columns of I and the teacher's norm weights sliced alike, i.e. the student keeps the teacher's
-        first d_S residual coordinates (with d_S = d_T the student *is* the teacher: a check of the
-        whole construction). pca: see init_pca (needs calibration tokens)."""
-        if init == "pca":
-            return self.init_pca(calibration)
-        for p in self.projections():
-            if init == "normal":
-                nn.init.normal_(p, std=std)
-            else:
-                p.copy_(torch.eye(*p.shape))
-        if init == "identity":
-            dS = self.config.hidden_size
-            for t, s in zip(self.teacher.layers, self.norms):
-                for name, norm in s.items():
-                    norm.weight.copy_(t.get_submodule(name).weight[:dS])
-            self.norm.weight.copy_(self.teacher.norm.weight[:dS])
-
-    @torch.no_grad()
-    def init_pca(self, tokens: torch.Tensor, batch_size=8):
-        """Not in the paper (README, "Distillation efficiency"): start the student as the teacher truncated
-        to the top-d_S principal subspace U of its residual stream. The stream is sampled where the teacher
-        reads it (every RMSNorm input), each token scaled to unit RMS first, so the attention sink's massive
-        activations count as one token, not as 94% of the energy. With h_S = U^T h_T: P_emb = P_o = P_down = U;
-        the input side folds the teacher's norm weights in, P = diag(g_T) U; the student's norms become
-        sqrt(d_T/d_S), the RMS ratio of the same vector in d_S and d_T coordinates. U is rotated within its span
-        to diagonalise U^T diag(g_final) U, so a tied head, which must reuse P_emb, gets that diagonal as its
-        final norm (an untied head folds g_final in exactly). With d_S = d_T the student is the teacher."""
-        teacher, dS, eps = self.teacher, self.config.hidden_size, self.config.rms_norm_eps
-        cov = 0
-
-        def add(r):  # one RMSNorm input, every token at unit RMS (as the norm sees it: an all-zero row stays 0)
-            nonlocal cov
-            z = r.flatten(0, 1).double()
-            z = z * (z.square().mean(-1, keepdim=True) + eps).rsqrt()
-            cov = cov + z.T @ z
-        for x in tokens.split(batch_size):
-            cos, sin = rope_cos_sin(teacher.inv_freq, 0, x.shape[1])
-            h = teacher.embed_tokens(x)
-            for layer in teacher.layers:
-                acts = {}
-                h_next = layer(h, cos, sin, 0, acts)
-                add(h)  # input_layernorm's input
-                add(h + acts["attn_out"])  # post_attention_layernorm's
-                h = h_next
-            add(h)  # the final norm's
-        U = torch.linalg.eigh(cov).eigenvectors[:, -dS:]  # eigenvalues ascend: the top d_S directions
-        g = teacher.norm.weight.double()
-        lam, R = torch.linalg.eigh(U.T @ (g[:, None] * U))
-        U, scale = U @ R, (teacher.config.hidden_size / dS) ** 0.5
-        for t, P, n in zip(teacher.layers, self.proj, self.norms):
-            for m in P:  # q, k, v read input_layernorm's output; gate, up post_attention_layernorm's
-                g_in = (t.input_layernorm if m in ("q", "k", "v") else t.post_attention_layernorm).weight.double()
-                P[m].copy_(g_in[:, None] * U if m in INPUT_SIDE else U)
-            for norm in n.values():
-                norm.weight.fill_(scale)
-        for a in self.align or []:  # explicit alignment (ablation) starts as the reused projection would
-            for m in a:
-                a[m].copy_(U)
-        self.p_emb.copy_(U)
-        if self.p_lm is None:
-            self.norm.weight.copy_(scale * lam)
-        else:
-            self.p_lm.copy_(g[:, None] * U)
-            self.norm.weight.fill_(scale)
 
     def projections(self) -> list:
         """Every projection and alignment matrix (all trainable parameters except the norm weights)."""
         extra = [self.p_emb] + ([self.p_lm] if self.p_lm is not None else [])
         return [*self.proj.parameters(), *extra, *(self.align.parameters() if self.align is not None else [])]
 
-    # -- 1. student weights (Eq. 1-3) -------------------------------------------------------
+    # -- 2. generated weights (Sec. 4.2.1, Algorithm 1 step 1) ------------------------------------
     def layer_weights(self, i: int) -> dict:
-        """Student weights of layer i, named as in model.Block, generated from the teacher's."""
+        """Student weights of layer i, named as in model.Block: W^S = W^T W^p in [out, in] (see INPUT_SIDE)."""
         t, P, n = self.teacher.layers[i], self.proj[i], self.norms[i]
         w = {f"{name}.weight": n[name].weight for name in n}
         for m, name in (*INPUT_SIDE.items(), *OUTPUT_SIDE.items()):
@@ -176,13 +114,13 @@ class LowRankClone(nn.Module):
         return w
 
     def embedding(self) -> torch.Tensor:
-        return self.teacher.embed_tokens.weight @ self.p_emb  # [V, d_S]
+        return self.teacher.embed_tokens.weight @ self.p_emb  # W^S_emb = W^T_emb W^p_emb: [V, d_S]
 
     def head(self, emb: torch.Tensor) -> torch.Tensor:
-        return emb if self.p_lm is None else self.teacher.lm_head.weight @ self.p_lm  # [V, d_S]
+        return emb if self.p_lm is None else self.teacher.lm_head.weight @ self.p_lm  # W^T_lm W^p_lm: [V, d_S]
 
     def generate(self) -> dict:
-        """Every student weight of a step, generated from the teacher's (Eq. 1-3)."""
+        """Every student weight of a step, generated from the teacher's."""
         emb = self.embedding()
         return {"emb": emb, "head": self.head(emb), "layers": [self.layer_weights(i) for i in range(len(self.proj))]}
 
@@ -220,11 +158,13 @@ class LowRankClone(nn.Module):
         if done:
             torch.autograd.backward([w for w, _ in done], [g for _, g in done])
 
-    # -- 2.-4. interleaved forward and the losses -----------------------------------------------
+    # -- 3. the interleaved forward and the activation clone (Sec. 4.2.2, Algorithm 1 step 2) ------
     def forward(self, idx, targets):
         """Returns (loss, parts). Teacher and student advance one layer at a time, and each teacher
         layer's activations become clone-loss terms at once, so only one layer's are ever alive."""
         teacher, B, T = self.teacher, *idx.shape
+        # Hidden state: self.weights is None except inside accumulate(), which sets it to the step's weights,
+        # generated once as leaves whose gradients it sums; outside, every forward generates its own from P.
         w = self.weights if self.weights is not None else self.generate()
         cos, sin = rope_cos_sin(teacher.inv_freq, 0, T)
         with torch.no_grad():
@@ -238,17 +178,11 @@ class LowRankClone(nn.Module):
             else:
                 h_t, h_s, terms = self.layer_pair(*args)
             clone = clone + terms
-        with torch.no_grad():
-            h_t = teacher.norm(h_t)
-        kl_lm, kl, lm = distill_head(self.norm(h_s), w["head"], h_t, teacher.lm_head.weight, targets,
-                                     self.temperature, self.kl_reduction)
-        loss = kl_lm + self.alpha * clone.sum()  # Eq. 7: L_KL + L_LM + alpha * L_clone
-        parts = {"kl": kl, "lm": lm, "clone": clone.sum(), **{f"clone/{k}": v for k, v in zip(self.clone_terms, clone)}}
-        return loss, {k: v.detach() for k, v in parts.items()}
+        return self.loss(h_t, h_s, w["head"], clone, targets)
 
     def layer_pair(self, i, h_t, h_s, cos, sin, weights):
         """Teacher layer i (no autograd) and student layer i (the same model.Block code, generated weights),
-        and the clone terms of the layer (Eq. 5) as a vector."""
+        and the clone terms of the layer as a vector: E(h^S_m, h^T_m) for the terms in use."""
         t_acts, s_acts = {}, {}
         with torch.no_grad():
             h_t = self.teacher.layers[i](h_t, cos, sin, 0, t_acts)
@@ -258,23 +192,39 @@ class LowRankClone(nn.Module):
         return h_t, h_s, torch.stack(terms) if terms else h_s.new_zeros(0, dtype=torch.float32)
 
     def clone_target(self, i: int, term: str, t_acts: dict) -> torch.Tensor:
-        """q, k, v, gate, up have the teacher's width in both models: compared directly (Eq. 5).
-        The layer outputs live in d_T vs d_S: the teacher's is mapped by the projection the student's
-        own o/down weights were made with (alignment-free, Eq. 6; Lemma 1) or, in the ablation, by a
-        separate alignment matrix. (The official code compares attention outputs in teacher space;
-        we follow the paper.)"""
+        """q, k, v, gate, up have the teacher's width in both models: compared directly. The module outputs
+        live in d_T vs d_S: the teacher's is mapped by the projection the student's own o/down weights were
+        made with, sigma^T W^p_o and sigma^T W^p_down (alignment-free, Sec. 4.2.4, Lemma 1) or, in the
+        ablation, by a separate alignment matrix. (The official code compares attention outputs in teacher
+        space; we follow the paper.)
+        Reads P itself, never accumulate()'s self.weights: the target t_acts @ P is a function of P alone,
+        with no generated weight in between, so there is no leaf to stop at. Under accumulate() its gradient
+        reaches P at each micro-batch's backward, the generated weights' once on exit; gradients add, so the
+        step's total is the same."""
         if term not in OUTPUT_TERMS:
             return t_acts[term]
         P = (self.align if self.align is not None else self.proj)[i][OUTPUT_TERMS[term]]
         return t_acts[term] @ P
 
     def clone_mse(self, s, t):
-        """MSE of one clone term (Eq. 5), with the optional normalisation and sink skipping."""
+        """E(s, t) of one clone term, with the optional normalisation and sink skipping."""
         s, t = s[:, self.clone_skip:], t[:, self.clone_skip:]
         loss = mse(s, t)
         return loss / t.float().square().mean().clamp(min=1e-12).detach() if self.clone_norm == "target" else loss
 
-    # -- 5. the student as a plain model and its export ----------------------------------------
+    # -- 4. the loss (Sec. 4.2.3) ------------------------------------------------------------------
+    def loss(self, h_t, h_s, head, clone, targets):
+        """(L, parts) from the last layer's hidden states, the student's head and the clone terms summed
+        over layers. L_KL and L_LM come from the fused head (losses.distill_head): no [B, T, V] logits."""
+        with torch.no_grad():
+            h_t = self.teacher.norm(h_t)
+        kl_lm, kl, lm = distill_head(self.norm(h_s), head, h_t, self.teacher.lm_head.weight, targets,
+                                     self.temperature, self.kl_reduction)
+        loss = kl_lm + self.alpha * clone.sum()  # L_KL + L_LM + alpha * L_clone
+        parts = {"kl": kl, "lm": lm, "clone": clone.sum(), **{f"clone/{k}": v for k, v in zip(self.clone_terms, clone)}}
+        return loss, {k: v.detach() for k, v in parts.items()}
+
+    # -- 5. the student as a plain model and its export ----------------------------------------------
     @torch.no_grad()
     def student(self, dtype=None) -> Transformer:
         """Materialise the student as an ordinary model.Transformer (for evaluation, sampling, export).
@@ -309,96 +259,87 @@ class LowRankClone(nn.Module):
                     if os.path.exists(os.path.join(tokenizer_dir, name)):
                         shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
 
+    # -- Initialisations: where the projections (and norms) start -----------------------------------
+    # Not a step of the paper, which starts every P ~ N(0, 0.02) (init_normal). To add one: write
+    # init_<name>(self, std, calibration) below and add <name> to INITS.
+    @torch.no_grad()
+    def init_projections(self, init="normal", std=0.02, calibration=None):
+        """Start the projections (and norms) with init_<init>; std and calibration go to those that use them."""
+        getattr(self, f"init_{init}")(std, calibration)
+
+    @torch.no_grad()
+    def init_normal(self, std=0.02, calibration=None):
+        """The paper's and official code's: every P ~ N(0, std), norms 1.0 (as built)."""
+        for p in self.projections():
+            nn.init.normal_(p, std=std)
+
+    @torch.no_grad()
+    def init_identity(self, std=None, calibration=None):
+        """P = the first d_S columns of I and the teacher's norm weights sliced alike, i.e. the student keeps the
+        teacher's first d_S residual coordinates (with d_S = d_T the student *is* the teacher: a check of the
+        whole construction)."""
+        for p in self.projections():
+            p.copy_(torch.eye(*p.shape))
+        dS = self.config.hidden_size
+        for t, s in zip(self.teacher.layers, self.norms):
+            for name, norm in s.items():
+                norm.weight.copy_(t.get_submodule(name).weight[:dS])
+        self.norm.weight.copy_(self.teacher.norm.weight[:dS])
+
+    @torch.no_grad()
+    def init_pca(self, std=None, calibration=None, batch_size=8):
+        """Not in the paper (README, "Distillation efficiency"): start the student as the teacher truncated
+        to the top-d_S principal subspace U of its residual stream. The stream is sampled on calibration (token
+        ids [N, T]) where the teacher reads it (every RMSNorm input), each token scaled to unit RMS first, so
+        the attention sink's massive activations count as one token, not as 94% of the energy. With
+        h_S = U^T h_T: P_emb = P_o = P_down = U; the input side folds the teacher's norm weights in,
+        P = diag(g_T) U; the student's norms become sqrt(d_T/d_S), the RMS ratio of the same vector in d_S and
+        d_T coordinates. U is rotated within its span to diagonalise U^T diag(g_final) U, so a tied head, which
+        must reuse P_emb, gets that diagonal as its final norm (an untied head folds g_final in exactly).
+        With d_S = d_T the student is the teacher."""
+        if calibration is None:
+            raise ValueError("init='pca' needs calibration=token ids [N, T] from the training data")
+        teacher, dS, eps = self.teacher, self.config.hidden_size, self.config.rms_norm_eps
+        cov = 0
+
+        def add(r):  # one RMSNorm input, every token at unit RMS (as the norm sees it: an all-zero row stays 0)
+            nonlocal cov
+            z = r.flatten(0, 1).double()
+            z = z * (z.square().mean(-1, keepdim=True) + eps).rsqrt()
+            cov = cov + z.T @ z
+        for x in calibration.split(batch_size):
+            cos, sin = rope_cos_sin(teacher.inv_freq, 0, x.shape[1])
+            h = teacher.embed_tokens(x)
+            for layer in teacher.layers:
+                acts = {}
+                h_next = layer(h, cos, sin, 0, acts)
+                add(h)  # input_layernorm's input
+                add(h + acts["attn_out"])  # post_attention_layernorm's
+                h = h_next
+            add(h)  # the final norm's
+        U = torch.linalg.eigh(cov).eigenvectors[:, -dS:]  # eigenvalues ascend: the top d_S directions
+        g = teacher.norm.weight.double()
+        lam, R = torch.linalg.eigh(U.T @ (g[:, None] * U))
+        U, scale = U @ R, (teacher.config.hidden_size / dS) ** 0.5
+        for t, P, n in zip(teacher.layers, self.proj, self.norms):
+            for m in P:  # q, k, v read input_layernorm's output; gate, up post_attention_layernorm's
+                g_in = (t.input_layernorm if m in ("q", "k", "v") else t.post_attention_layernorm).weight.double()
+                P[m].copy_(g_in[:, None] * U if m in INPUT_SIDE else U)
+            for norm in n.values():
+                norm.weight.fill_(scale)
+        for a in self.align or []:  # explicit alignment (ablation) starts as the reused projection would
+            for m in a:
+                a[m].copy_(U)
+        self.p_emb.copy_(U)
+        if self.p_lm is None:
+            self.norm.weight.copy_(scale * lam)
+        else:
+            self.p_lm.copy_(g[:, None] * U)
+            self.norm.weight.fill_(scale)
+
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "vocab.json", "merges.txt", "chat_template.jinja")
-
-
-def mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Mean squared error, averaged in fp32. Written out rather than F.mse_loss, which would keep the teacher
-    tensor alive for backward; here only the difference is saved, in the activations' dtype (bf16 under
-    autocast: half the memory of an fp32 copy, for 7 terms x every layer). d * d, not d.square(): CUDA's
-    autocast runs square as pow in fp32 and would save an fp32 copy of d (7 GiB more at the Qwen recipe)."""
-    d = s - t.to(s.dtype)
-    return (d * d).mean(dtype=torch.float32)
-
-
-# Token chunk of the loss head: chunk x vocab elements per [tokens, V] fp32 buffer. CPU: 64 MB, cache-sized
-# work; GPU: 512 MB, 883 tokens at V = 151,936. Measured on an H100 (4,096 tokens, d_S 1200, bf16, forward +
-# backward): 2^24 elements 154 ms / 2.3 GiB above the inputs, 2^26 83 ms / 3.1, 2^27 73 ms / 4.5, 2^28 69 ms / 8.0.
-HEAD_CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 27}
-
-
-def head_chunk(vocab_size: int, device: torch.device) -> int:
-    """Tokens per chunk of the loss head (and of evaluation) on this device."""
-    return max(1, HEAD_CHUNK_ELEMENTS.get(device.type, HEAD_CHUNK_ELEMENTS["cuda"]) // vocab_size)
-
-
-def distill_head(h_s, w_s, h_t, w_t, targets, temperature, kl_reduction="batchmean", weights=(1.0, 1.0)):
-    """(w_kl L_KL + w_lm L_LM, L_KL, L_LM) of distill_losses from the final hidden states (B, T, d) and the
-    two heads (V, d), without ever materialising [tokens, V] logits of either model (see FusedDistillHead).
-    Only the weighted sum carries a gradient; the parts are detached values for logging. weights=(w_kl, w_lm):
-    1, 1 in LRC (Eq. 7); VanillaKD mixes them (baselines.py)."""
-    kl_div = h_s.shape[0] if kl_reduction == "batchmean" else targets.numel()
-    return FusedDistillHead.apply(h_s.flatten(0, 1), w_s, h_t.flatten(0, 1), w_t, targets.flatten(),
-                                  temperature, kl_div, *weights)
-
-
-class FusedDistillHead(torch.autograd.Function):
-    """L_KL + L_LM, chunk by chunk over tokens. The loss is a scalar, so its gradients with respect to
-    the student's hidden states and head are formed in the same pass as the loss (the gradient of
-    KL(p_T || softmax(z/T)) w.r.t. the logits z is (softmax(z/T) - p_T) / T; of CE it is
-    softmax(z) - onehot) and backward only scales them. Exact: no approximation is involved."""
-
-    @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, targets, temperature, kl_div, w_kl, w_lm):
-        N, V = targets.numel(), w_s.shape[0]
-        valid = targets != -100
-        n_valid = valid.sum().clamp(min=1)
-        grad_h, grad_w = torch.empty_like(h_s, dtype=torch.float32), torch.zeros_like(w_s, dtype=torch.float32)
-        kl, lm = h_s.new_zeros((), dtype=torch.float32), h_s.new_zeros((), dtype=torch.float32)
-        chunk = head_chunk(V, h_s.device)
-        for i in range(0, N, chunk):
-            hs, tgt, ok = h_s[i:i + chunk], targets[i:i + chunk], valid[i:i + chunk]
-            z = (hs @ w_s.T).float()  # (c, V) student logits
-            t = (h_t[i:i + chunk] @ w_t.T).float() / temperature  # (c, V) teacher logits / T
-            # L_LM: cross-entropy; d/dz = softmax(z) - onehot, for valid targets, averaged over them
-            lse = z.logsumexp(-1, keepdim=True)
-            lm += ((lse[:, 0] - z.gather(1, tgt.clamp(min=0)[:, None])[:, 0]) * ok).sum()
-            g = (z - lse).exp_().mul_((ok * w_lm / n_valid)[:, None])
-            g[torch.arange(len(tgt), device=g.device), tgt.clamp(min=0)] -= ok * w_lm / n_valid
-            # L_KL: sum_v p_T (log p_T - log q_S) = sum_v p_T (t - z/T) - lse(t) + lse(z/T)
-            zT = z.div_(temperature)
-            lse_s, lse_t = zT.logsumexp(-1, keepdim=True), t.logsumexp(-1, keepdim=True)
-            p_t = (t - lse_t).exp_()
-            kl += (p_t * (t - zT)).sum() + (lse_s - lse_t).sum()
-            g += (zT - lse_s).exp_().sub_(p_t).mul_(w_kl / (temperature * kl_div))
-            grad_h[i:i + chunk] = g.to(w_s.dtype) @ w_s
-            grad_w += (g.T.to(hs.dtype) @ hs).float()
-        lm, kl = lm / n_valid, kl / kl_div
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes = h_s.dtype, w_s.dtype
-        ctx.mark_non_differentiable(kl, lm)
-        return w_kl * kl + w_lm * lm, kl, lm
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_kl, _grad_lm):
-        grad_h, grad_w = ctx.saved_tensors
-        return (grad_h.mul(grad_loss).to(ctx.dtypes[0]), grad_w.mul(grad_loss).to(ctx.dtypes[1]),
-                None, None, None, None, None, None, None)
-
-
-def distill_losses(s_logits, t_logits, targets, temperature, kl_reduction="batchmean"):
-    """(L_KL, L_LM) from whole logits (the plain computation; evaluation uses it at T=1 per token),
-    both in fp32. L_KL = KL(p_T || p_S) of logits / temperature. 'batchmean' is the
-    official code's scaling: summed over tokens and vocabulary, divided by the number of sequences, no
-    T^2 (the published alpha, T and lr were tuned with it); 'token' divides by the number of tokens."""
-    s, t = s_logits.float() / temperature, t_logits.float() / temperature
-    s_logp, t_logp = F.log_softmax(s, -1), F.log_softmax(t, -1)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum()
-    kl = kl / (s_logits.shape[0] if kl_reduction == "batchmean" else s_logits.shape[:-1].numel())
-    lm = F.cross_entropy(s_logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-    return kl, lm
 
 
 def check_args(teacher, d_student, clone_terms, kl_reduction, alignment, init, clone_norm="none"):

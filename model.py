@@ -259,7 +259,7 @@ class Transformer(nn.Module):
 
     def hidden(self, idx, start_pos=0, acts=None):
         """The final normalised hidden states (B, T, C): forward without the head, for losses that apply
-        the head chunk by chunk (lrc.distill_head) instead of building [B, T, V] logits."""
+        the head chunk by chunk (losses.distill_head) instead of building [B, T, V] logits."""
         x = self.embed_tokens(idx)  # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, start_pos, idx.shape[1])
         for layer in self.layers:

@@ -31,7 +31,8 @@ from baselines import LMOnly, TinyBERT, VanillaKD, student_config
 from configurator import (AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, check_ranges,
                           configure_or_exit, run_or_exit)
 from data import Batches, check_compatible, load_tokenizer
-from lrc import CLONE_TERMS, LowRankClone, head_chunk
+from losses import head_chunk
+from lrc import CLONE_TERMS, LowRankClone
 from model import ModelConfig, RMSNorm, Transformer, read_json
 
 DEFAULTS = dict(
@@ -319,7 +320,7 @@ def xy(batch):
 def evaluate(model, batches, n_batches, autocast):
     """Student and teacher val LM loss, per-token KL(teacher || student) at T=1, top-1 agreement;
     without a teacher (lm, sft) the val loss alone. Logits are formed a chunk of tokens at a time
-    (lrc.head_chunk), never as whole [B, T, V] tensors."""
+    (losses.head_chunk), never as whole [B, T, V] tensors."""
     student, teacher = model.student(), model.teacher
     sums = None
     for k in batches.eval_steps(n_batches):

@@ -16,7 +16,8 @@ import torch
 import train
 from baselines import LMOnly, TinyBERT, VanillaKD, layer_map, student_config
 from data import Batches, load_tokenizer, prepare
-from lrc import LowRankClone, distill_losses
+from losses import distill_losses
+from lrc import LowRankClone
 from model import ModelConfig, Transformer, rope_cos_sin
 from test_train import metrics, train_py, write_text
 

@@ -326,7 +326,7 @@ def test_bench_smoke_on_cpu(tmp_path):
 def test_chunked_evaluation_equals_whole_logits(monkeypatch, tiny_data, tiny_teacher):
     """train.evaluate (chunks of 7 tokens here, a short last one) against the metrics written out on whole
     [B, T, V] logits with torch's own functions: NLL of both models, per-token KL(p_T || p_S), agreement."""
-    import lrc
+    import losses
     from data import Batches
     torch.manual_seed(0)
     teacher = Transformer.from_pretrained(tiny_teacher)
@@ -335,7 +335,7 @@ def test_chunked_evaluation_equals_whole_logits(monkeypatch, tiny_data, tiny_tea
         for p in model.projections():
             p.normal_(std=0.15)
     batches = Batches(tiny_data, batch_size=2, block_size=32)
-    monkeypatch.setitem(lrc.HEAD_CHUNK_ELEMENTS, "cpu", 7 * teacher.config.vocab_size)
+    monkeypatch.setitem(losses.HEAD_CHUNK_ELEMENTS, "cpu", 7 * teacher.config.vocab_size)
     ev = train.evaluate(model, batches, 3, torch.autocast("cpu", enabled=False))
     x = torch.cat([batches.get_batch("val", k)[0] for k in range(3)])
     y = torch.cat([batches.get_batch("val", k)[1] for k in range(3)])

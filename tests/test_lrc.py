@@ -266,16 +266,16 @@ def test_explicit_alignment_only_for_output_terms_in_use():
 def test_fused_head_equals_plain_losses(kl_reduction, monkeypatch):
     """The chunked head gives the plain computation's losses and gradients, over several chunks and with
     ignored targets, while never building whole [tokens, V] logits."""
-    import lrc
-    monkeypatch.setitem(lrc.HEAD_CHUNK_ELEMENTS, "cpu", 5 * 300)  # chunks of 5 tokens: 4 full ones and a short one
+    import losses
+    monkeypatch.setitem(losses.HEAD_CHUNK_ELEMENTS, "cpu", 5 * 300)  # chunks of 5 tokens: 4 full ones and a short one
     g = torch.Generator().manual_seed(0)
     B, T, dS, dT, V = 2, 11, 8, 12, 300
     h_s, w_s = torch.randn(B, T, dS, generator=g, requires_grad=True), torch.randn(V, dS, generator=g, requires_grad=True)
     h_t, w_t = torch.randn(B, T, dT, generator=g), torch.randn(V, dT, generator=g)
     tgt = torch.randint(0, V, (B, T), generator=g)
     tgt[0, 3] = tgt[1, 7] = -100
-    loss, kl, lm = lrc.distill_head(h_s, w_s, h_t, w_t, tgt, 3.0, kl_reduction)
-    ref_kl, ref_lm = lrc.distill_losses(h_s @ w_s.T, h_t @ w_t.T, tgt, 3.0, kl_reduction)
+    loss, kl, lm = losses.distill_head(h_s, w_s, h_t, w_t, tgt, 3.0, kl_reduction)
+    ref_kl, ref_lm = losses.distill_losses(h_s @ w_s.T, h_t @ w_t.T, tgt, 3.0, kl_reduction)
     torch.testing.assert_close(kl, ref_kl)
     torch.testing.assert_close(lm, ref_lm)
     grads = torch.autograd.grad(2.5 * loss, (h_s, w_s))
