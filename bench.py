@@ -63,9 +63,10 @@ import lrc
 import train
 from configurator import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, ConfigError, check_ranges, configure_or_exit,
                           run_or_exit)
-from data import bytes_to_unicode, load_tokenizer, prepare
+from data import prepare
 from losses import distill_head, distill_losses
 from model import ModelConfig, Transformer, read_json
+from tokenizer import bytes_to_unicode, load_tokenizer
 
 MODEL_OPTS = dict(teacher="", device="auto", dtype="float32", batch_size=8, block_size=256, prompt_len=16,
                   new_tokens=64, warmup=2, iters=5)

@@ -8,7 +8,7 @@ The nanoLRC demo: distil a real teacher on a CPU, from assets that come from the
     python sample.py                                   # talk to the student
 
 1. turn the GGUF teacher into an ordinary HF model directory (config.json, model.safetensors, tokenizer.json,
-   tokenizer_config.json, generation_config.json) that model.py, data.py and transformers all load;
+   tokenizer_config.json, generation_config.json) that model.py, tokenizer.py and transformers all load;
 2. tokenise the King James Bible (public domain; one document per chapter, verse numbers stripped) with the
    teacher's tokenizer, holding out 3% of the chapters for validation;
 3. run LRC with config/lrc_demo.py for a bounded wall time, export the student to out/demo/student;
@@ -208,7 +208,7 @@ def complete(model, tokenizer, prompt, n=24):
 
 def report(cfg, model, t0):
     """What the run did, from its metrics.jsonl and one prompt completed by teacher and student."""
-    from data import load_tokenizer
+    from tokenizer import load_tokenizer
     with open(os.path.join(cfg["out_dir"], "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     evals = [r for r in rows if "val_loss" in r]
@@ -234,7 +234,7 @@ def report(cfg, model, t0):
 
 def main(argv):
     from configurator import configure_or_exit
-    from data import load_tokenizer
+    from tokenizer import load_tokenizer
     import train
     t0 = time.time()
     here = os.path.dirname(os.path.abspath(__file__))

@@ -27,9 +27,10 @@ import torch
 
 import demo
 from configurator import run_or_exit
-from data import Batches, load_tokenizer, prepare
+from data import Batches, prepare
 from lrc import LowRankClone
 from model import Transformer
+from tokenizer import load_tokenizer
 from train import DEFAULTS, calibration_tokens, evaluate
 
 # run name -> train.py overrides, on top of config/lrc_demo.py (the demo's own recipe)

@@ -22,7 +22,7 @@ import time
 import torch
 
 from configurator import AT_LEAST_1, NON_NEGATIVE, PROBABILITY, check_ranges, configure_or_exit, run_or_exit
-from data import load_tokenizer
+from tokenizer import load_tokenizer
 from model import Transformer, read_json
 from train import load_student, resolve_system, tokenizer_dir
 

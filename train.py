@@ -30,10 +30,11 @@ from tqdm import tqdm
 from baselines import LMOnly, TinyBERT, VanillaKD, student_config
 from configurator import (AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, check_ranges,
                           configure_or_exit, run_or_exit)
-from data import Batches, check_compatible, load_tokenizer
+from data import Batches, check_compatible
 from losses import head_chunk
 from lrc import CLONE_TERMS, LowRankClone
 from model import ModelConfig, RMSNorm, Transformer, read_json
+from tokenizer import load_tokenizer
 
 DEFAULTS = dict(
     # I/O

@@ -49,7 +49,7 @@ def make_tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_tok(make_tokenizer_dir):
-    from data import load_tokenizer
+    from tokenizer import load_tokenizer
     return load_tokenizer(make_tokenizer_dir())
 
 
@@ -58,7 +58,7 @@ def tiny_teacher(make_tokenizer_dir):
     """HF dir of a tiny random Qwen2 teacher (2 layers, hidden 48, 4 heads / 2 kv heads of 16, FFN 80, q/k/v bias,
     tied) beside the tiny tokenizer; 288 embedding rows >= its 271 tokens. For end-to-end runs in seconds."""
     import torch
-    from data import load_tokenizer
+    from tokenizer import load_tokenizer
     from model import ModelConfig, Transformer
     path = make_tokenizer_dir()
     cfg = ModelConfig(model_type="qwen2", vocab_size=288, hidden_size=48, intermediate_size=80, num_hidden_layers=2,

@@ -15,11 +15,12 @@ import torch
 
 import train
 from baselines import LMOnly, TinyBERT, VanillaKD, layer_map, student_config
-from data import Batches, load_tokenizer, prepare
+from data import Batches, prepare
 from losses import distill_losses
 from lrc import LowRankClone
 from model import ModelConfig, Transformer, rope_cos_sin
 from test_train import metrics, train_py, write_text
+from tokenizer import load_tokenizer
 
 TEACHER = ModelConfig(model_type="qwen2", vocab_size=120, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=True,

@@ -1,4 +1,4 @@
-"""data.py: tiktoken tokenizers equal to HF's, chat rendering equal to transformers', data prep and loading."""
+"""tokenizer.py: tiktoken tokenizers equal to HF's, chat rendering equal to transformers'; data.py: data prep and loading."""
 import functools
 import gzip
 import json
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import Batches, check_compatible, load_qwen_tiktoken, load_tokenizer, parse_source, prepare
+from data import Batches, check_compatible, parse_source, prepare
+from tokenizer import load_qwen_tiktoken, load_tokenizer
 
 TEXTS = [
     "Hello world! The capital of France is Paris.",

@@ -16,7 +16,7 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 
 import eval as ev  # noqa: E402
-from data import load_tokenizer  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["the", "world", "and", "an", "or", "he", "in", "a", "ant", "tower", "hand", "word", "wind"]

@@ -189,7 +189,7 @@ PROSE = ("Water boils at one hundred degrees Celsius at sea level, but the tempe
 
 @pytest.mark.asset
 def test_real_teacher_matches_transformers(smollm2_dir):
-    from data import load_tokenizer
+    from tokenizer import load_tokenizer
     tok = load_tokenizer(smollm2_dir)
     idx = torch.tensor([tok.encode(PROSE)])
     ours = Transformer.from_pretrained(smollm2_dir).eval()

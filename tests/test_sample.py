@@ -10,7 +10,7 @@ import torch
 
 import sample
 import train
-from data import load_tokenizer
+from tokenizer import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -21,8 +21,9 @@ import pytest
 import torch
 
 import train
-from data import load_tokenizer, prepare
+from data import prepare
 from model import Transformer
+from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("tokens_per_s", "mfu")  # wall-clock fields of metrics.jsonl: the only ones allowed to differ
