@@ -109,7 +109,7 @@ def test_only_projections_and_norms_are_trained(name):
 
 
 # The teacher's output of each output-side clone term maps to d_S through this projection (the paper's
-# alignment-free reading, Eq. 6 / Lemma 1), written here, not taken from lrc.OUTPUT_TERMS.
+# alignment-free reading, Sec. 4.2.2 / Lemma 1), written here, not taken from lrc.OUTPUT_TERMS.
 OUT_PROJ = {"attn_out": "o", "ffn_out": "down"}
 
 
@@ -118,7 +118,8 @@ def reference_weights(lrc, teacher):
 
     Shares the implementation's reading of the paper: W_S = W_T @ P for q, k, v, gate, up, embedding and an
     untied head, W_S = P^T @ W_T for o and down; the teacher's q/k/v biases and Qwen3 q/k norms kept as they
-    are. A reading of the paper that is wrong in lrc.py would be wrong here as well."""
+    are. A reading of the paper that is wrong in lrc.py would be wrong here as well: the independent check is
+    test_generated_weights_follow_the_papers_one_formula."""
     w = {"embed_tokens.weight": teacher.embed_tokens.weight @ lrc.p_emb, "norm.weight": lrc.norm.weight}
     w["lm_head.weight"] = w["embed_tokens.weight"] if lrc.p_lm is None else teacher.lm_head.weight @ lrc.p_lm
     for i, layer in enumerate(teacher.layers):
@@ -138,6 +139,39 @@ def reference_weights(lrc, teacher):
         w[f"layers.{i}.input_layernorm.weight"] = lrc.norms[i]["input_layernorm"].weight
         w[f"layers.{i}.post_attention_layernorm.weight"] = lrc.norms[i]["post_attention_layernorm"].weight
     return w
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied_bias", "qwen3_untied"])
+def test_generated_weights_follow_the_papers_one_formula(name):
+    """Sec. 4.2.1 as the paper writes it, independent of lrc.py's (and reference_weights') two-case reading:
+    one formula, W^S = W^T W^p, for all seven matrices of a layer, with W^T laid out hidden size last
+    (d_m x d_T), and W^S_m = W^T_m W^p_m for the embedding and an untied head. Here the hidden axis of each
+    teacher weight is found by its size alone (these teachers' other widths differ from d_T), the weight is
+    put in the paper's layout, multiplied and put back: no case split by module name."""
+    teacher = tiny_teacher(name)
+    dT, dS = teacher.config.hidden_size, 20
+    lrc = LowRankClone(teacher, d_student=dS)
+    with torch.no_grad():
+        for p in lrc.projections():
+            p.normal_(std=0.15)
+    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    with torch.no_grad():
+        for i, layer in enumerate(teacher.layers):
+            generated = lrc.layer_weights(i)
+            for m, module in names.items():
+                W = layer.get_submodule(module).weight  # torch's [out, in]
+                assert W.shape.count(dT) == 1, (module, W.shape)  # the hidden axis is unambiguous
+                hidden_last = W.shape[1] == dT
+                W_T = W if hidden_last else W.T  # the paper's layout: d_m x d_T
+                W_S = W_T @ lrc.proj[i][m]  # W^S = W^T W^p: d_m x d_S
+                torch.testing.assert_close(generated[f"{module}.weight"], W_S if hidden_last else W_S.T, msg=module)
+        torch.testing.assert_close(lrc.embedding(), teacher.embed_tokens.weight @ lrc.p_emb)
+        head = lrc.head(lrc.embedding())
+        if teacher.config.tie_word_embeddings:
+            assert lrc.p_lm is None and torch.equal(head, lrc.embedding())
+        else:
+            torch.testing.assert_close(head, teacher.lm_head.weight @ lrc.p_lm)
 
 
 def reference_run(lrc, teacher, idx, tgt):
