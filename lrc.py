@@ -163,8 +163,8 @@ class LowRankClone(nn.Module):
         """Returns (loss, parts). Teacher and student advance one layer at a time, and each teacher
         layer's activations become clone-loss terms at once, so only one layer's are ever alive."""
         teacher, B, T = self.teacher, *idx.shape
-        # Hidden state: self.weights is None except inside accumulate(), which sets it to the step's weights,
-        # generated once as leaves whose gradients it sums; outside, every forward generates its own from P.
+        # accumulate()'s module state: self.weights is None except inside accumulate(), which sets it to the
+        # step's weights, generated once as leaves whose gradients it sums; else each forward generates its own.
         w = self.weights if self.weights is not None else self.generate()
         cos, sin = rope_cos_sin(teacher.inv_freq, 0, T)
         with torch.no_grad():
