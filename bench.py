@@ -194,9 +194,9 @@ def bench_model(o):
 # step: one training step, by stage, per variant
 
 def without_pca(cfg):
-    """cfg with init "normal" in place of "pca", which needs training data: time and memory do not depend on
+    """cfg with init "normal" in place of "pca" and "clone", which need training data: time and memory do not depend on
     where the projections start."""
-    return {**cfg, "init": "normal" if cfg["init"] == "pca" else cfg["init"]}
+    return {**cfg, "init": "normal" if cfg["init"] in ("pca", "clone") else cfg["init"]}
 
 
 def variant_config(cfg, name):

@@ -185,10 +185,60 @@ def kjv_text():
     return "\n\n".join(" ".join(verses) for verses in chapters.values())
 
 
-def prepare_corpus(tokenizer, out_dir=None):
-    """Tokenised KJV in out_dir (cached: reused when it was made with this tokenizer)."""
+KJV_TOKENS = 300_000  # the first books of the King James Bible, beside the teacher's text
+# The teacher writes general English: sampled at temperature 1 (its own distribution) from openings built of these.
+TOPICS = ("the weather", "a small town", "the ocean", "bread", "a bicycle", "the moon", "a cat", "music", "a library",
+          "the train station", "coffee", "a garden", "mathematics", "the human heart", "a river", "computers",
+          "football", "a wedding", "the forest", "history", "a hospital", "the internet", "a kitchen", "rain",
+          "an old map", "the election", "a museum", "chess", "the farm", "vaccines", "a job interview", "the stars",
+          "a birthday party", "electricity", "a lighthouse", "volcanoes", "a teacher", "the market", "honey bees",
+          "a storm", "the piano", "a novel", "climate", "a bridge", "the desert", "a detective", "money", "tea",
+          "a mountain", "photography", "a hotel", "dinosaurs", "the brain", "a child", "an airport", "recycling",
+          "the Olympics", "a bakery", "friendship", "a newspaper", "the printing press", "a dog", "the solar system",
+          "a car", "medicine", "a school", "the city", "a song", "a letter", "the telephone", "a fisherman",
+          "the Roman Empire", "sleep", "a village", "water", "exercise", "a robot", "an island", "winter", "a poem",
+          "the economy", "a camping trip", "language", "the French Revolution", "a scientist", "a farmer")
+OPENINGS = ("The {} is", "Here is what I know about {}:", "Q: What is {}?\nA:", "My grandmother told me about {}.",
+            "Why do people like {}?", "A short history of {}.", "In the news today, {}", "Facts about {}:",
+            "The first time I saw {}", "Many people think that {}", "{} is", "The report on {} found that",
+            "Once upon a time", "Dear friend,\n\nI", "Yesterday", "It is often said that", "How to",
+            "Chapter 1\n\nIt was", "Instructions:", "I have always wondered why")
+
+
+def teacher_text(teacher_dir, tokenizer, rows=256, new_tokens=256, batch=32, seed=0):
+    """rows x new_tokens tokens the teacher writes from everyday openings, as JSONL {"text"} (cached). Sequence-level
+    KD's data: general English at no licence cost, from the one asset the demo already has."""
+    import random
+    import torch
+    from model import Transformer
+    path = cache_dir(f"samples-{rows}x{new_tokens}-{seed}-{tokenizer.fingerprint[:12]}.jsonl")
+    if os.path.isfile(path):
+        return path
+    model = Transformer.from_pretrained(teacher_dir, dtype=torch.bfloat16).eval()
+    rng, texts, t0 = random.Random(seed), [], time.time()
+    for i in range(0, rows, batch):
+        ids = [tokenizer.encode(rng.choice(OPENINGS).format(rng.choice(TOPICS))) for _ in range(batch)]
+        n = min(map(len, ids))  # one prompt length per batch: openings cut to the shortest
+        idx = torch.tensor([p[:n] for p in ids])
+        with torch.no_grad():
+            out = torch.stack(list(model.generate(idx, new_tokens, temperature=1.0, eos_id=tokenizer.eos_id,
+                                                  generator=torch.Generator().manual_seed(rng.randrange(2**31)))), 1)
+        for row in torch.cat([idx, out], 1).tolist():
+            texts.append(tokenizer.decode(row[:row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row))
+        print(f"teacher text: {len(texts)}/{rows} samples, {(i + batch) * new_tokens / (time.time() - t0):.0f} tokens/s",
+              flush=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def prepare_corpus(tokenizer, samples=None, out_dir=None):
+    """Tokenised KJV in out_dir (cached: reused when made with this tokenizer); with samples (teacher_text), its
+    first KJV_TOKENS beside the teacher's text."""
     from data import prepare  # imported here: the conversion above must not need torch
-    out_dir = out_dir or cache_dir("data-kjv-" + tokenizer.fingerprint[:12])
+    name = "kjv-" + tokenizer.fingerprint[:12] if samples is None else "kjv+" + os.path.basename(samples)[:-6]
+    out_dir = out_dir or cache_dir("data-" + name)
     if os.path.isfile(os.path.join(out_dir, "meta.json")):
         return out_dir
     shutil.rmtree(out_dir, ignore_errors=True)  # an unfinished cache entry of an older version, if any
@@ -196,7 +246,9 @@ def prepare_corpus(tokenizer, out_dir=None):
         text_path = os.path.join(tmp, "kjv.txt")
         with open(text_path, "w", encoding="utf-8") as f:
             f.write(kjv_text())
-        prepare(tokenizer, [{"path": text_path}], out_dir, val_fraction=0.03, num_proc=2, overwrite=True)
+        sources = [{"path": text_path}] if samples is None else [{"path": text_path, "budget": KJV_TOKENS},
+                                                                 {"path": samples}]
+        prepare(tokenizer, sources, out_dir, val_fraction=0.03, num_proc=2, overwrite=True)
     return out_dir
 
 
@@ -243,7 +295,8 @@ def main(argv):
     train.preflight(cfg)
     teacher = cfg["teacher"] or convert_teacher()
     print(f"teacher: {teacher}")
-    data_dir = cfg["data_dir"] or prepare_corpus(load_tokenizer(teacher))
+    tokenizer = load_tokenizer(teacher)
+    data_dir = cfg["data_dir"] or prepare_corpus(tokenizer, teacher_text(teacher, tokenizer))
     print(f"data: {data_dir}")
     cfg = {**cfg, "teacher": teacher, "data_dir": data_dir}
     model = train.train(cfg)

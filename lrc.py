@@ -45,7 +45,7 @@ OUTPUT_SIDE = {"o": "self_attn.o_proj", "down": "mlp.down_proj"}
 # Clone terms (Sec. 4.2.2): the five linear outputs compared directly, the two module outputs through P.
 CLONE_TERMS = ("q", "k", "v", "gate", "up", "attn_out", "ffn_out")
 OUTPUT_TERMS = {"attn_out": "o", "ffn_out": "down"}  # which projection maps the teacher's output down
-INITS = ("normal", "identity", "pca", None)  # see init_projections; None: left uninitialised, for loaded weights
+INITS = ("normal", "identity", "pca", "clone", None)  # see init_projections; None: left uninitialised, for loaded weights
 
 
 class LowRankClone(nn.Module):
@@ -336,6 +336,56 @@ class LowRankClone(nn.Module):
         else:
             self.p_lm.copy_(g[:, None] * U)
             self.norm.weight.fill_(scale)
+
+
+    @torch.no_grad()
+    def init_clone(self, std=None, calibration=None, ridge=1e-3):
+        """Not in the paper (README, "Demo quality"): LRC's own objective solved in closed form before training.
+        From the pca start (P_emb = U, so h_S = U^T h_T at the embedding), layer by layer on the calibration
+        tokens, with the student's real inputs (errors of earlier layers included):
+          input side:  one least-squares P for q, k, v (and one for gate, up) so that P n_S ~ n_T, the teacher's
+                       normed input; the best fit for every W_T at once, so W_T P n_S clones q, k, v, gate, up;
+          output side: ridge P_o (P_down) so that h_S + P^T o_S ~ U^T (h_T + o_T): the module output, written
+                       into the student's stream, lands where the teacher's does, drift of earlier layers
+                       corrected; each token weighted by 1 / its mean square, as the next RMSNorm sees it;
+          final norm:  per coordinate, so that the student's normed output ~ U^T the teacher's.
+        With P_q = P_k = P_v the student's attention is the teacher's module run on P n_S (and so the MLP)."""
+        self.init_pca(std, calibration)
+        teacher, U, dtype = self.teacher, self.p_emb.double(), self.teacher.embed_tokens.weight.dtype
+        cos, sin = rope_cos_sin(teacher.inv_freq, 0, calibration.shape[1])
+
+        def run(module, x, *args):  # a teacher module in the teacher's dtype; the streams are kept in fp32
+            return module(x.to(dtype), *args).float()
+        h_t = teacher.embed_tokens(calibration).float()  # (N, T, d_T): every calibration token at once
+        h_s = h_t @ self.p_emb  # (N, T, d_S)
+        for t, P, n in zip(teacher.layers, self.proj, self.norms):
+            for norm, module, args, ins, out in (("input_layernorm", t.self_attn, (cos, sin), ("q", "k", "v"), "o"),
+                                                 ("post_attention_layernorm", t.mlp, (), ("gate", "up"), "down")):
+                n_t, n_s = run(t.get_submodule(norm), h_t), n[norm](h_s)  # the normed inputs, (N, T, d_T | d_S)
+                P_in = ridge_fit(n_s, n_t, ridge=1e-6)  # (d_S, d_T): n_T ~ n_S @ P_in
+                o_t, o_s = run(module, n_t, *args), run(module, n_s @ P_in.float(), *args)  # outputs, (N, T, d_T)
+                h_t = h_t + o_t
+                P_out = ridge_fit(o_s, h_t.double() @ U - h_s.double(), h_t.double().square().mean(-1).reciprocal(), ridge)
+                h_s = h_s + o_s @ P_out.float()
+                for m in ins:
+                    P[m].copy_(P_in.T)
+                P[out].copy_(P_out)
+        for a, P in zip(self.align or [], self.proj):  # explicit alignment (ablation) starts as the reused P would
+            for m in a:
+                a[m].copy_(P[m])
+        target = run(teacher.norm, h_t) if self.p_lm is None else F.rms_norm(h_t, (h_t.shape[-1],), eps=self.norm.eps)
+        r_s = F.rms_norm(h_s, (h_s.shape[-1],), eps=self.norm.eps).double().flatten(0, 1)
+        y = (target.double() @ U).flatten(0, 1)
+        self.norm.weight.copy_((r_s * y).sum(0) / r_s.square().sum(0))
+
+
+def ridge_fit(x, y, weight=None, ridge=1e-3):
+    """argmin_P sum_n weight_n |x_n P - y_n|^2 + ridge * mean(diag(x^T x)) |P|^2, in float64; x (..., a), y (..., b)."""
+    x, y = x.flatten(0, -2).double(), y.flatten(0, -2).double()
+    xw = x if weight is None else x * weight.flatten()[:, None].double()
+    gram = xw.T @ x
+    gram = gram + ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram, xw.T @ y)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

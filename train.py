@@ -47,8 +47,9 @@ DEFAULTS = dict(
     d_student=256,  # the student's residual width (LRC; also the baselines' default hidden size)
     clone_terms=",".join(CLONE_TERMS),  # ablations: drop terms, e.g. "q,k,v,attn_out" (w/o FFN)
     alignment="reuse",  # "explicit": separate alignment matrices (ablation)
-    init="normal",  # projections: "normal" N(0, init_std) as in the paper, "identity" (first d_S coordinates) or
+    init="normal",  # projections: "normal" N(0, init_std) as in the paper, "identity" (first d_S coordinates),
     # "pca" (the teacher's top-d_S residual subspace, measured on 32 train windows; README, Distillation efficiency)
+    # or "clone" (pca, then each layer's projections by least squares on those windows; README, Demo quality)
     init_std=0.02,  # std of LRC's projections (init "normal") and of every from-scratch weight (kd, tinybert, lm)
     alpha=0.5,  # weight of the clone loss
     temperature=40.0,  # of the KL (lrc, kd, tinybert)
@@ -176,7 +177,7 @@ def tokenizer_dir(cfg):
 
 def build_model(cfg, device, dtype, calibration=None, load=False):
     """The trainable module for cfg['method'] (lrc.py, baselines.py): forward(idx, targets) -> (loss, parts);
-    .teacher (None for lm, sft); .config; .student(); .export(). calibration: token ids for LRC's init 'pca'
+    .teacher (None for lm, sft); .config; .student(); .export(). calibration: token ids for LRC's inits 'pca', 'clone'
     (calibration_tokens). load: LRC's projections are left uninitialised, for a checkpoint's weights."""
     method = cfg["method"]
     if method not in METHODS:
@@ -216,7 +217,7 @@ def build_model(cfg, device, dtype, calibration=None, load=False):
 
 
 def calibration_tokens(cfg, device, windows=32):
-    """Train windows for init 'pca', the same on every rank (rank 0's first micro-batches of step 0)."""
+    """Train windows for inits 'pca' and 'clone', the same on every rank (rank 0's first micro-batches of step 0)."""
     b = Batches(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], seed=cfg["seed"], device=device,
                 sampling=cfg["sampling"])
     return torch.cat([b.get_batch("train", 0, m)[0] for m in range(-(-windows // cfg["batch_size"]))])
@@ -469,8 +470,8 @@ def train(cfg):
     check_compatible(cfg["data_dir"], tokenizer, cfg["block_size"])
     batches = Batches(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], seed=cfg["seed"], rank=rank,
                       world_size=world, device=device, sampling=cfg["sampling"], grad_accum=cfg["grad_accum"])
-    pca = cfg["method"] == "lrc" and cfg["init"] == "pca" and not cfg["resume"]  # resume: weights from ckpt.pt
-    model = build_model(cfg, device, dtype, calibration_tokens(cfg, device) if pca else None, load=cfg["resume"])
+    calibrate = cfg["method"] == "lrc" and cfg["init"] in ("pca", "clone") and not cfg["resume"]  # resume: from ckpt.pt
+    model = build_model(cfg, device, dtype, calibration_tokens(cfg, device) if calibrate else None, load=cfg["resume"])
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
                          f"{model.config.vocab_size} rows: tokenizer and weights do not belong together")
