@@ -24,13 +24,14 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from configurator import configure_or_exit, run_or_exit
+from configurator import AT_LEAST_1, NON_NEGATIVE, check_ranges, configure_or_exit, run_or_exit
 from model import checkpoint_files, read_json
 from sample import load, resolve_model
 from train import resolve_system
@@ -46,6 +47,7 @@ DEFAULTS = dict(
     text="",  # comma-separated text files: loss, bits per byte, KL and agreement with the teacher
     block_size=1024,  # --text: tokens per window (capped at the model's context)
     check_hf=False,  # also run lm-eval's own hf backend on --model: per-item differences and items/s
+    check_rounds=3,  # --check_hf: rounds of ours then hf, timed alternately; the median ratio is reported
     device="auto",  # auto: cuda if available, else cpu
     dtype="auto",  # auto: bfloat16 on cuda, float32 on cpu
 )
@@ -210,26 +212,23 @@ def score(model, pairs, batch_size, max_length, disable_tqdm=True):
 
 def _score_batch(model, ctxs, members, pairs, out, batch_size):
     """Score the continuations of G contexts: one forward of the contexts (right padding is harmless: attention
-    is causal), then the continuations of the contexts of each length L, from position L on copies of their
-    context's KV cache, sorted by length (little padding), batch_size rows at a time."""
+    is causal), then every continuation on a copy of its context's KV cache, batch_size rows at a time, the rows
+    sorted by continuation length (little padding) whatever their contexts' lengths: each row's tokens sit in
+    cache slots from L_max = the longest context on, at positions from its own context's length, and a mask hides
+    the slots between (model.hidden's pos and mask)."""
     device = model.inv_freq.device
-    lens = [len(c) for c in ctxs]
-    rows = sorted(((i, g) for g, idx in enumerate(members) for i in idx),
-                  key=lambda r: (lens[r[1]], len(pairs[r[0]][1])))  # by context length, then continuation length
+    lens = torch.tensor([len(c) for c in ctxs], device=device)  # (G,)
+    Lmax = len(ctxs[0])
+    rows = sorted(((i, g) for g, idx in enumerate(members) for i in idx), key=lambda r: len(pairs[r[0]][1]))
     G, M = len(ctxs), max(len(pairs[i][1]) for i, _ in rows)
-    model.setup_cache(max(G, min(len(rows), batch_size)), max(lens) + M - 1)
+    model.setup_cache(max(G, min(len(rows), batch_size)), Lmax + M - 1)
     try:
-        x = torch.tensor([list(c) + [0] * (lens[0] - len(c)) for c in ctxs], device=device)  # (G, L_max)
+        x = torch.tensor([list(c) + [0] * (Lmax - len(c)) for c in ctxs], device=device)  # (G, L_max)
         h = model.hidden(x)  # (G, L_max, C); fills cache rows 0..G-1
-        first = model.lm_head(h[torch.arange(G, device=device), torch.tensor(lens, device=device) - 1]).float()
-        saved = [tuple(c[:G, :, :lens[0]].clone() for c in layer.self_attn.cache) for layer in model.layers]
-        s = 0
-        while s < len(rows):  # a chunk: rows whose contexts have one length L, at most batch_size of them
-            L = lens[rows[s][1]]
-            e = s
-            while e < len(rows) and e - s < batch_size and lens[rows[e][1]] == L:
-                e += 1
-            chunk, s = rows[s:e], e
+        first = model.lm_head(h[torch.arange(G, device=device), lens - 1]).float()  # (G, V): predicts token 0
+        saved = [tuple(c[:G, :, :Lmax].clone() for c in layer.self_attn.cache) for layer in model.layers]
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s:s + batch_size]
             conts = [pairs[i][1] for i, _ in chunk]
             owner = torch.tensor([g for _, g in chunk], device=device)
             R, m = len(chunk), max(map(len, conts))
@@ -241,10 +240,14 @@ def _score_batch(model, ctxs, members, pairs, out, batch_size):
             if m > 1:
                 for layer, kv in zip(model.layers, saved):  # each row continues from a copy of its context
                     for c, c0 in zip(layer.self_attn.cache, kv):
-                        c[:R, :, :L] = c0[owner, :, :L]
-                hc = model.hidden(target[:, :-1], start_pos=L)  # (R, m-1, C): the continuations less their last
-                v = valid[:, 1:]  # tokens, right-padded; the head runs on scored positions only
-                lp[:, 1:][v], greedy[:, 1:][v] = _logprob(model.lm_head(hc[v]).float(), target[:, 1:][v])
+                        c[:R, :, :Lmax] = c0[owner]
+                t = torch.arange(m - 1, device=device)
+                pos = lens[owner, None] + t  # (R, m-1): each row goes on from its own context's length
+                slot = torch.arange(Lmax + m - 1, device=device)  # the cache slots the continuations see
+                mask = (slot < lens[owner, None, None]) | ((slot >= Lmax) & (slot <= Lmax + t[:, None]))
+                hc = model.hidden(target[:, :-1], start_pos=Lmax, pos=pos, mask=mask[:, None])  # (R, m-1, C)
+                v = valid[:, 1:]  # the continuations less their last token, right-padded; the head runs on
+                lp[:, 1:][v], greedy[:, 1:][v] = _logprob(model.lm_head(hc[v]).float(), target[:, 1:][v])  # scored
             lp = lp.sum(1)
             for r, (i, _) in enumerate(chunk):
                 out[i] = (lp[r].item(), bool(greedy[r].all()))
@@ -332,15 +335,23 @@ def max_loglik_diff(a, b):
     return max(d) if d else None
 
 
-def check_hf(path, names, cfg, task_manager, ours, ours_s, device):
-    """lm-eval's own hf backend (transformers) on the same model and items: the largest per-item log-likelihood
-    difference to ours, each backend's accuracy and items/s. A check that our LM scores what lm-eval would."""
+def check_hf(path, names, cfg, task_manager, device, dtype):
+    """lm-eval's own hf backend (transformers) against ours on the same model, items and dtype: the largest
+    per-item log-likelihood difference, each backend's score, and items/s over check_rounds rounds run
+    alternately (ours, hf, ours, hf, ...: drift in a shared machine hits both alike) with the median of the
+    per-round ratios. A check that our LM scores what lm-eval would, and how much faster."""
     from lm_eval.models.huggingface import HFLM
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError("--check_hf needs --model to be an HF dir (an exported student), not a checkpoint")
-    hf = HFLM(pretrained=path, device=device, dtype="float32" if device == "cpu" else "bfloat16",
-              batch_size=cfg["batch_size"])
-    theirs, secs = run_tasks(hf, names, cfg, task_manager)
+    model, tok, eos = load_checked(path, device, dtype)
+    lms = {"ours": make_lm(model, tok, eos, adds_bos(path), cfg["batch_size"]),
+           "hf": HFLM(pretrained=path, device=device, dtype=dtype, batch_size=cfg["batch_size"])}
+    res, secs = {}, {"ours": [], "hf": []}
+    for _ in range(cfg["check_rounds"]):
+        for who, lm in lms.items():
+            res[who], t = run_tasks(lm, names, cfg, task_manager)
+            secs[who].append(t)
+    ours, theirs = res["ours"], res["hf"]
     rows = {}
     for task in names:
         if task not in theirs.get("samples", {}):
@@ -351,9 +362,13 @@ def check_hf(path, names, cfg, task_manager, ours, ours_s, device):
                       "hf": theirs["results"][task][f"{m},none"], "max_abs_diff": max_loglik_diff(a, b),
                       "same_items": a == b}
     n = n_items(ours)
-    speed = {"items": n, "ours_items_per_s": n / ours_s, "hf_items_per_s": n / secs, "speedup": secs / ours_s}
-    print(f"\ncheck against lm-eval's hf backend ({n} items): nanoLRC {speed['ours_items_per_s']:.2f} items/s, "
-          f"hf {speed['hf_items_per_s']:.2f} items/s, {speed['speedup']:.2f}x")
+    ratios = [h / o for o, h in zip(secs["ours"], secs["hf"])]
+    speed = {"items": n, "rounds": len(ratios), "ours_s": secs["ours"], "hf_s": secs["hf"],
+             "ours_items_per_s": n / statistics.median(secs["ours"]), "hf_items_per_s": n / statistics.median(secs["hf"]),
+             "speedup": statistics.median(ratios), "speedup_per_round": ratios}
+    print(f"\ncheck against lm-eval's hf backend ({n} items, {dtype}, {len(ratios)} alternating rounds, medians): "
+          f"nanoLRC {speed['ours_items_per_s']:.2f} items/s, hf {speed['hf_items_per_s']:.2f} items/s, "
+          f"{speed['speedup']:.2f}x (per round {', '.join(f'{r:.2f}' for r in ratios)})")
     for task, r in rows.items():
         diff = "" if r["max_abs_diff"] is None else f", max |loglik diff| {r['max_abs_diff']:.2e}"
         print(f"  {task}: {r['metric']} {r['ours']:.4f} (ours) vs {r['hf']:.4f} (hf){diff}, "
@@ -402,6 +417,21 @@ def text_stats(student, teacher, ids, block_size):
     return s
 
 
+def text_metrics(student, teacher, tok, text, block_size=1024):
+    """Held-out text metrics of loaded models (demo.py's report calls this): {tokens, bytes, student_loss,
+    student_bpb} and with a teacher (same tokenizer) also teacher_loss, teacher_bpb, kl (KL(teacher||student) per
+    token, T=1) and agreement (top-1). Losses in nats per token; bits per byte over the text's UTF-8 bytes."""
+    ids = [tok.eos_id] + tok.encode(text)  # a document starts after EOS, as training packs them
+    s = text_stats(student, teacher, ids, min(block_size, student.config.max_position_embeddings))
+    n, nbytes = max(s["tokens"], 1), len(text.encode("utf-8"))
+    row = {"tokens": s["tokens"], "bytes": nbytes, "student_loss": s["student_nll"] / n,
+           "student_bpb": s["student_nll"] / math.log(2) / nbytes}
+    if teacher is not None:
+        row.update(teacher_loss=s["teacher_nll"] / n, teacher_bpb=s["teacher_nll"] / math.log(2) / nbytes,
+                   kl=s["kl"] / n, agreement=s["agree"] / n)
+    return row
+
+
 def run_text(files, student_path, teacher_path, cfg, device, dtype):
     """Per file: tokens, loss per token and bits per byte (student, teacher), KL(teacher||student), agreement."""
     texts = {}
@@ -415,18 +445,7 @@ def run_text(files, student_path, teacher_path, cfg, device, dtype):
         if ttok.fingerprint != tok.fingerprint or teacher.config.vocab_size != student.config.vocab_size:
             raise ValueError("--text: teacher and student have different tokenizers or vocabularies; KL and "
                              "agreement need the same ones")
-    T = min(cfg["block_size"], student.config.max_position_embeddings)
-    rows = {}
-    for f, text in texts.items():
-        ids = [tok.eos_id] + tok.encode(text)  # a document starts after EOS, as training packs them
-        s = text_stats(student, teacher, ids, T)
-        n, nbytes = max(s["tokens"], 1), len(text.encode("utf-8"))
-        row = {"tokens": s["tokens"], "bytes": nbytes, "student_loss": s["student_nll"] / n,
-               "student_bpb": s["student_nll"] / math.log(2) / nbytes}
-        if teacher is not None:
-            row.update(teacher_loss=s["teacher_nll"] / n, teacher_bpb=s["teacher_nll"] / math.log(2) / nbytes,
-                       kl=s["kl"] / n, agreement=s["agree"] / n)
-        rows[f] = row
+    rows = {f: text_metrics(student, teacher, tok, text, cfg["block_size"]) for f, text in texts.items()}
     cols = ["tokens", "student_loss", "student_bpb"] + \
         (["teacher_loss", "teacher_bpb", "kl", "agreement"] if teacher is not None else [])
     fmt = lambda k, v: f"{v:,}" if k == "tokens" else f"{100 * v:.1f}%" if k == "agreement" else f"{v:.3f}"  # noqa
@@ -440,6 +459,8 @@ def run_text(files, student_path, teacher_path, cfg, device, dtype):
 
 def evaluate(cfg):
     """Everything eval.py does for a resolved config; returns the report written as JSON."""
+    check_ranges(cfg, {"batch_size": AT_LEAST_1, "block_size": AT_LEAST_1, "check_rounds": AT_LEAST_1,
+                       "limit": NON_NEGATIVE})
     device, dtype = resolve_system(cfg)
     if not cfg["tasks"] and not cfg["text"]:
         raise ValueError("nothing to evaluate: give --tasks=NAMES (or paper) and/or --text=FILE,...")
@@ -470,7 +491,7 @@ def evaluate(cfg):
         print(table(rows))
         report["tasks"] = rows
         if cfg["check_hf"]:
-            report["check_hf"] = check_hf(student_path, names, cfg, tm, results["student"], secs["student"], device)
+            report["check_hf"] = check_hf(student_path, names, cfg, tm, device, dtype)
         report["lm_eval"] = {role: {k: v for k, v in r.items() if k != "samples"} for role, r in results.items()}
     if cfg["text"]:
         files = [os.path.expanduser(f) for f in cfg["text"].split(",") if f]
