@@ -187,12 +187,12 @@ def bench_model(o):
             rows.append([name, f"{ours_tps:,.1f}", f"{theirs_tps:,.1f}", f"{ours_tps / theirs_tps:.2f}",
                          f"{ratios[0]:.2f}-{ratios[-1]:.2f}"])
     print_table(["", "nanoLRC", "transformers", "ours/theirs", "per round"], rows)
-    fwd, *gens = runs
+    (fwd, _), *gens = runs
     diff = (outs[fwd, 0].float() - outs[fwd, 1].float()).abs().max().item()
     print(f"logits max |diff| {diff:.3g}")
-    for gen in gens:
+    for gen, _ in gens:
         same = (outs[gen, 0] == outs[gen, 1])[0].tolist() + [False]
-        print(f"{gen[0].split(' tok/s')[0]}: greedy tokens identical for the first {same.index(False)}/{n}")
+        print(f"{gen.split(' tok/s')[0]}: greedy tokens identical for the first {same.index(False)}/{n}")
 
 
 # -----------------------------------------------------------------------------

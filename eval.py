@@ -48,6 +48,7 @@ DEFAULTS = dict(
     block_size=1024,  # --text: tokens per window (capped at the model's context)
     check_hf=False,  # also run lm-eval's own hf backend on --model: per-item differences and items/s
     check_rounds=3,  # --check_hf: rounds of ours then hf, timed alternately; the median ratio is reported
+    compile=False,  # generate_until tasks: torch.compile the one-token decode step (sample.py's --compile)
     device="auto",  # auto: cuda if available, else cpu
     dtype="auto",  # auto: bfloat16 on cuda, float32 on cpu
 )
@@ -97,7 +98,7 @@ def tokenizer_dir_of(path):
 # -----------------------------------------------------------------------------
 # nanoLRC's Transformer as an lm-eval LM
 
-def make_lm(model, tok, eos, add_bos, batch_size):
+def make_lm(model, tok, eos, add_bos, batch_size, compile=False):
     """A lm_eval TemplateLM over model.Transformer. Built in a function so that lm-eval stays an optional import."""
     from lm_eval.api.model import TemplateLM
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -163,7 +164,8 @@ def make_lm(model, tok, eos, add_bos, batch_size):
                                      f"context of {self.max_length} tokens (max_position_embeddings)")
                 new, text = [], ""
                 steps = self.model.generate(torch.tensor([ids], device=self.device_),
-                                            min(int(kw.get("max_gen_toks", 256)), room), eos_id=self.eos)
+                                            min(int(kw.get("max_gen_toks", 256)), room), eos_id=self.eos,
+                                            compile=compile)
                 for nxt in steps:
                     if nxt.item() in self.eos:
                         break
@@ -184,8 +186,10 @@ def make_lm(model, tok, eos, add_bos, batch_size):
 def score(model, pairs, batch_size, max_length, disable_tqdm=True):
     """[(context ids, continuation ids)] -> [(log p(continuation | context), continuation is greedy)].
     Pairs with the same context (a question's choices) share one forward of it: up to batch_size contexts run at
-    once (right-padded, longest first), each one's KV cache is copied to one row per choice, and only the
-    continuations run after it; the head runs only where a token is scored."""
+    once (right-padded, longest first, a batch ending before a context 20% shorter than its first: bounded
+    padding), and their KV caches are kept. The continuations then run in batches of batch_size rows sorted by
+    length (little padding) across many contexts of any lengths, each row on a copy of its context's cache
+    (model.hidden's pos and mask); the head runs only where a token is scored."""
     from tqdm import tqdm
     groups = {}
     for i, (ctx, cont) in enumerate(pairs):
@@ -197,62 +201,87 @@ def score(model, pairs, batch_size, max_length, disable_tqdm=True):
     order = sorted(groups, key=lambda c: (-len(c), c))
     out = [None] * len(pairs)
     bar = tqdm(total=len(pairs), disable=disable_tqdm, desc="loglikelihood")
-    batch = []
+    batch, pool = [], []  # pool: rows whose contexts ran, waiting for their continuations
     for k, ctx in enumerate(order):
         batch.append(ctx)
         nxt = order[k + 1] if k + 1 < len(order) else None
-        # a batch ends at batch_size contexts, or before one 20% shorter than its first (bounded padding)
         if nxt is None or len(batch) == batch_size or len(nxt) < 0.8 * len(batch[0]):
-            _score_batch(model, batch, [groups[c] for c in batch], pairs, out, batch_size)
-            bar.update(sum(len(groups[c]) for c in batch))
+            pool += _run_contexts(model, batch, [groups[c] for c in batch], pairs, out)
             batch = []
+            if len(pool) >= 4 * batch_size or nxt is None:  # enough rows to sort into batches of like length
+                _run_continuations(model, pool, pairs, out, batch_size)
+                bar.update(sum(o is not None for o in out) - bar.n)
+                pool = []
     bar.close()
     return out
 
 
-def _score_batch(model, ctxs, members, pairs, out, batch_size):
-    """Score the continuations of G contexts: one forward of the contexts (right padding is harmless: attention
-    is causal), then every continuation on a copy of its context's KV cache, batch_size rows at a time, the rows
-    sorted by continuation length (little padding) whatever their contexts' lengths: each row's tokens sit in
-    cache slots from L_max = the longest context on, at positions from its own context's length, and a mask hides
-    the slots between (model.hidden's pos and mask)."""
+def _run_contexts(model, ctxs, members, pairs, out):
+    """One forward of G contexts (right padding is harmless: attention is causal): each continuation's first token
+    is scored from it. Returns the rows still to run, (pair index, log p and greedy of token 0, context length,
+    the contexts' KV cache (per layer (k, v), each (G, nkv, L_max, hs)), context g)."""
     device = model.inv_freq.device
+    G, Lmax = len(ctxs), len(ctxs[0])
     lens = torch.tensor([len(c) for c in ctxs], device=device)  # (G,)
-    Lmax = len(ctxs[0])
-    rows = sorted(((i, g) for g, idx in enumerate(members) for i in idx), key=lambda r: len(pairs[r[0]][1]))
-    G, M = len(ctxs), max(len(pairs[i][1]) for i, _ in rows)
-    model.setup_cache(max(G, min(len(rows), batch_size)), Lmax + M - 1)
+    model.setup_cache(G, Lmax)
     try:
         x = torch.tensor([list(c) + [0] * (Lmax - len(c)) for c in ctxs], device=device)  # (G, L_max)
-        h = model.hidden(x)  # (G, L_max, C); fills cache rows 0..G-1
+        h = model.hidden(x)  # (G, L_max, C); fills the cache
         first = model.lm_head(h[torch.arange(G, device=device), lens - 1]).float()  # (G, V): predicts token 0
-        saved = [tuple(c[:G, :, :Lmax].clone() for c in layer.self_attn.cache) for layer in model.layers]
-        for s in range(0, len(rows), batch_size):
-            chunk = rows[s:s + batch_size]
-            conts = [pairs[i][1] for i, _ in chunk]
-            owner = torch.tensor([g for _, g in chunk], device=device)
-            R, m = len(chunk), max(map(len, conts))
-            target = torch.tensor([c + [0] * (m - len(c)) for c in conts], device=device)  # (R, m)
-            valid = torch.arange(m, device=device) < torch.tensor([len(c) for c in conts], device=device)[:, None]
-            lp = torch.zeros(R, m, device=device)  # log p of each target token (0 on padding)
-            greedy = torch.ones(R, m, dtype=torch.bool, device=device)  # target is the argmax (True on padding)
-            lp[:, 0], greedy[:, 0] = _logprob(first[owner], target[:, 0])
-            if m > 1:
-                for layer, kv in zip(model.layers, saved):  # each row continues from a copy of its context
-                    for c, c0 in zip(layer.self_attn.cache, kv):
-                        c[:R, :, :Lmax] = c0[owner]
-                t = torch.arange(m - 1, device=device)
-                pos = lens[owner, None] + t  # (R, m-1): each row goes on from its own context's length
-                slot = torch.arange(Lmax + m - 1, device=device)  # the cache slots the continuations see
-                mask = (slot < lens[owner, None, None]) | ((slot >= Lmax) & (slot <= Lmax + t[:, None]))
-                hc = model.hidden(target[:, :-1], start_pos=Lmax, pos=pos, mask=mask[:, None])  # (R, m-1, C)
-                v = valid[:, 1:]  # the continuations less their last token, right-padded; the head runs on
-                lp[:, 1:][v], greedy[:, 1:][v] = _logprob(model.lm_head(hc[v]).float(), target[:, 1:][v])  # scored
-            lp = lp.sum(1)
-            for r, (i, _) in enumerate(chunk):
-                out[i] = (lp[r].item(), bool(greedy[r].all()))
+        kv = [layer.self_attn.cache for layer in model.layers]
     finally:
         model.setup_cache(None, 0)
+    rows = [(i, g) for g, idx in enumerate(members) for i in idx]
+    owner = torch.tensor([g for _, g in rows], device=device)
+    lp0, greedy0 = _logprob(first[owner], torch.tensor([pairs[i][1][0] for i, _ in rows], device=device))
+    pool = []
+    for r, (i, g) in enumerate(rows):
+        if len(pairs[i][1]) == 1:
+            out[i] = (lp0[r].item(), bool(greedy0[r]))
+        else:
+            pool.append((i, lp0[r], greedy0[r], len(ctxs[g]), kv, g))
+    return pool
+
+
+def _run_continuations(model, pool, pairs, out, batch_size):
+    """The continuations of pooled rows (_run_contexts), batch_size rows at a time sorted by length: each row's
+    context KV copied to cache slots 0.., its continuation in slots from L = the longest context of the batch on,
+    at positions from its own context's length, the slots between masked out."""
+    device = model.inv_freq.device
+    pool = sorted(pool, key=lambda r: len(pairs[r[0]][1]))
+    for s in range(0, len(pool), batch_size):
+        chunk = pool[s:s + batch_size]
+        conts = [pairs[r[0]][1] for r in chunk]
+        R, m = len(chunk), max(map(len, conts))
+        lens = torch.tensor([r[3] for r in chunk], device=device)  # (R,) context lengths
+        L = int(lens.max())
+        model.setup_cache(R, L + m - 1)
+        try:
+            sources = {}  # each context batch's cache -> (rows of this batch, their contexts in it)
+            for r, (_, _, _, _, kv, g) in enumerate(chunk):
+                rows, gs = sources.setdefault(id(kv), (kv, [], []))[1:]
+                rows.append(r), gs.append(g)
+            for kv, rows, gs in sources.values():
+                rows, gs = torch.tensor(rows, device=device), torch.tensor(gs, device=device)
+                n = min(kv[0][0].shape[2], L)
+                for layer, src in zip(model.layers, kv):
+                    for c, c0 in zip(layer.self_attn.cache, src):
+                        c[rows, :, :n] = c0[gs, :, :n]
+            target = torch.tensor([c + [0] * (m - len(c)) for c in conts], device=device)  # (R, m)
+            valid = torch.arange(m, device=device) < torch.tensor([len(c) for c in conts], device=device)[:, None]
+            t = torch.arange(m - 1, device=device)
+            pos = lens[:, None] + t  # (R, m-1): each row goes on from its own context's length
+            slot = torch.arange(L + m - 1, device=device)
+            mask = (slot < lens[:, None, None]) | ((slot >= L) & (slot <= L + t[:, None]))  # (R, m-1, L+m-1)
+            hc = model.hidden(target[:, :-1], start_pos=L, pos=pos, mask=mask[:, None])  # (R, m-1, C)
+            v = valid[:, 1:]  # the continuations less their last token, right-padded; the head on scored ones
+            lp = torch.zeros(R, m - 1, device=device)
+            greedy = torch.ones(R, m - 1, dtype=torch.bool, device=device)  # True on padding
+            lp[v], greedy[v] = _logprob(model.lm_head(hc[v]).float(), target[:, 1:][v])
+        finally:
+            model.setup_cache(None, 0)
+        for r, (i, lp0, greedy0, *_) in enumerate(chunk):
+            out[i] = ((lp0 + lp[r].sum()).item(), bool(greedy0) and bool(greedy[r].all()))
 
 
 def _logprob(logits, target):
@@ -344,7 +373,7 @@ def check_hf(path, names, cfg, task_manager, device, dtype):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError("--check_hf needs --model to be an HF dir (an exported student), not a checkpoint")
     model, tok, eos = load_checked(path, device, dtype)
-    lms = {"ours": make_lm(model, tok, eos, adds_bos(path), cfg["batch_size"]),
+    lms = {"ours": make_lm(model, tok, eos, adds_bos(path), cfg["batch_size"], cfg["compile"]),
            "hf": HFLM(pretrained=path, device=device, dtype=dtype, batch_size=cfg["batch_size"])}
     res, secs = {}, {"ours": [], "hf": []}
     for _ in range(cfg["check_rounds"]):
@@ -481,7 +510,7 @@ def evaluate(cfg):
             if not path:
                 continue
             model, tok, eos = load_checked(path, device, dtype)
-            lm = make_lm(model, tok, eos, adds_bos(tokenizer_dir_of(path)), cfg["batch_size"])
+            lm = make_lm(model, tok, eos, adds_bos(tokenizer_dir_of(path)), cfg["batch_size"], cfg["compile"])
             results[role], secs[role] = run_tasks(lm, names, cfg, tm)
             n = n_items(results[role])
             print(f"{role} {path}: {n} items in {secs[role]:.1f} s ({n / secs[role]:.1f} items/s)", file=sys.stderr)
