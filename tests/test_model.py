@@ -128,7 +128,8 @@ def test_compiled_decode_step_matches_eager_and_transformers(tmp_path):
         idx = torch.randint(0, TINY["vocab_size"], (2, T), generator=g)
         fast = torch.stack(list(model.generate(idx, 24, compile=True)), 1)
         eager = torch.stack(list(model.generate(idx, 24)), 1)
-        ref = hf.generate(idx, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)[:, T:]
+        ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=24, min_new_tokens=24,
+                          do_sample=False, pad_token_id=0)[:, T:]  # no mask: transformers would hide token 0
         assert torch.equal(fast, eager) and torch.equal(fast, ref)
 
 
