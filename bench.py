@@ -69,7 +69,7 @@ from model import ModelConfig, Transformer, read_json
 from tokenizer import bytes_to_unicode, load_tokenizer
 
 MODEL_OPTS = dict(teacher="", device="auto", dtype="float32", batch_size=8, block_size=256, prompt_len=16,
-                  new_tokens=64, warmup=2, iters=5)
+                  new_tokens=64, warmup=2, iters=5, compile=True)
 # beside every key of train.DEFAULTS; one_pass=False generates LRC's weights per micro-batch (the baseline)
 STEP_OPTS = dict(variants="", peak_tflops=0.0, warmup=1, iters=3, one_pass=True)
 HEAD_OPTS = dict(vocab=151936, tokens=2048, d=1200, d_teacher=2048, temperature=40.0, device="auto",
@@ -163,14 +163,16 @@ def bench_model(o):
     torch.manual_seed(0)
     x = torch.randint(ours.config.vocab_size, (o["batch_size"], o["block_size"]), device=device)
     prompt, n = torch.randint(ours.config.vocab_size, (1, o["prompt_len"]), device=device), o["new_tokens"]
+    gen_theirs = lambda: theirs.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,  # noqa
+                                         max_new_tokens=n, min_new_tokens=n)[:, prompt.shape[1]:]
+    gen_ours = lambda compile: lambda: torch.stack(list(ours.generate(prompt, n, compile=compile)), 1)  # noqa
     runs = {  # (name, tokens per call): (ours, theirs)
         (f"forward tok/s ({o['batch_size']}x{o['block_size']})", x.numel()):
             (lambda: ours(x)[0], lambda: theirs(x, use_cache=False).logits),  # neither builds a KV cache
-        (f"generate tok/s (batch 1, {n} new)", n):
-            (lambda: torch.stack(list(ours.generate(prompt, n, use_cache=True)), 1),
-             lambda: theirs.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                     max_new_tokens=n, min_new_tokens=n)[:, prompt.shape[1]:]),
+        (f"generate tok/s (batch 1, {n} new)", n): (gen_ours(False), gen_theirs),
     }
+    if o["compile"]:  # the compiled one-token step over the static cache; warmup includes its compilation
+        runs[f"generate tok/s, compiled step (batch 1, {n} new)", n] = (gen_ours(True), gen_theirs)
     print(f"model {path} | {o['dtype']} | {system(device)} transformers {transformers.__version__}")
     rows, outs = [], {}
     with torch.no_grad():
@@ -182,12 +184,16 @@ def bench_model(o):
                     if i >= o["warmup"]:
                         times[who].append(t)
             ours_tps, theirs_tps = (tokens / median(t) for t in times)
-            rows.append([name, f"{ours_tps:,.1f}", f"{theirs_tps:,.1f}", f"{ours_tps / theirs_tps:.2f}"])
-    print_table(["", "nanoLRC", "transformers", "ours/theirs"], rows)
-    (fwd, _), (gen, _) = runs
+            ratios = sorted(b / a for a, b in zip(*times))  # per round: theirs' time / ours'
+            rows.append([name, f"{ours_tps:,.1f}", f"{theirs_tps:,.1f}", f"{ours_tps / theirs_tps:.2f}",
+                         f"{ratios[0]:.2f}-{ratios[-1]:.2f}"])
+    print_table(["", "nanoLRC", "transformers", "ours/theirs", "per round"], rows)
+    (fwd, _), *gens = runs
     diff = (outs[fwd, 0].float() - outs[fwd, 1].float()).abs().max().item()
-    same = (outs[gen, 0] == outs[gen, 1])[0].tolist() + [False]
-    print(f"logits max |diff| {diff:.3g}; greedy tokens identical for the first {same.index(False)}/{n}")
+    print(f"logits max |diff| {diff:.3g}")
+    for gen, _ in gens:
+        same = (outs[gen, 0] == outs[gen, 1])[0].tolist() + [False]
+        print(f"{gen.split(' tok/s')[0]}: greedy tokens identical for the first {same.index(False)}/{n}")
 
 
 # -----------------------------------------------------------------------------

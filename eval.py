@@ -24,13 +24,14 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from configurator import configure_or_exit, run_or_exit
+from configurator import AT_LEAST_1, NON_NEGATIVE, check_ranges, configure_or_exit, run_or_exit
 from model import checkpoint_files, read_json
 from sample import load, resolve_model
 from train import resolve_system
@@ -46,6 +47,8 @@ DEFAULTS = dict(
     text="",  # comma-separated text files: loss, bits per byte, KL and agreement with the teacher
     block_size=1024,  # --text: tokens per window (capped at the model's context)
     check_hf=False,  # also run lm-eval's own hf backend on --model: per-item differences and items/s
+    check_rounds=3,  # --check_hf: rounds of ours then hf, timed alternately; the median ratio is reported
+    compile=False,  # generate_until tasks: torch.compile the one-token decode step (sample.py's --compile)
     device="auto",  # auto: cuda if available, else cpu
     dtype="auto",  # auto: bfloat16 on cuda, float32 on cpu
 )
@@ -95,7 +98,7 @@ def tokenizer_dir_of(path):
 # -----------------------------------------------------------------------------
 # nanoLRC's Transformer as an lm-eval LM
 
-def make_lm(model, tok, eos, add_bos, batch_size):
+def make_lm(model, tok, eos, add_bos, batch_size, compile=False):
     """A lm_eval TemplateLM over model.Transformer. Built in a function so that lm-eval stays an optional import."""
     from lm_eval.api.model import TemplateLM
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -161,7 +164,8 @@ def make_lm(model, tok, eos, add_bos, batch_size):
                                      f"context of {self.max_length} tokens (max_position_embeddings)")
                 new, text = [], ""
                 steps = self.model.generate(torch.tensor([ids], device=self.device_),
-                                            min(int(kw.get("max_gen_toks", 256)), room), eos_id=self.eos)
+                                            min(int(kw.get("max_gen_toks", 256)), room), eos_id=self.eos,
+                                            compile=compile)
                 for nxt in steps:
                     if nxt.item() in self.eos:
                         break
@@ -182,8 +186,10 @@ def make_lm(model, tok, eos, add_bos, batch_size):
 def score(model, pairs, batch_size, max_length, disable_tqdm=True):
     """[(context ids, continuation ids)] -> [(log p(continuation | context), continuation is greedy)].
     Pairs with the same context (a question's choices) share one forward of it: up to batch_size contexts run at
-    once (right-padded, longest first), each one's KV cache is copied to one row per choice, and only the
-    continuations run after it; the head runs only where a token is scored."""
+    once (right-padded, longest first, a batch ending before a context 20% shorter than its first: bounded
+    padding), and their KV caches are kept. The continuations then run in batches of batch_size rows sorted by
+    length (little padding) across many contexts of any lengths, each row on a copy of its context's cache
+    (model.hidden's pos and mask); the head runs only where a token is scored."""
     from tqdm import tqdm
     groups = {}
     for i, (ctx, cont) in enumerate(pairs):
@@ -195,61 +201,87 @@ def score(model, pairs, batch_size, max_length, disable_tqdm=True):
     order = sorted(groups, key=lambda c: (-len(c), c))
     out = [None] * len(pairs)
     bar = tqdm(total=len(pairs), disable=disable_tqdm, desc="loglikelihood")
-    batch = []
+    batch, pool = [], []  # pool: rows whose contexts ran, waiting for their continuations
     for k, ctx in enumerate(order):
         batch.append(ctx)
         nxt = order[k + 1] if k + 1 < len(order) else None
-        # a batch ends at batch_size contexts, or before one 20% shorter than its first (bounded padding)
         if nxt is None or len(batch) == batch_size or len(nxt) < 0.8 * len(batch[0]):
-            _score_batch(model, batch, [groups[c] for c in batch], pairs, out, batch_size)
-            bar.update(sum(len(groups[c]) for c in batch))
+            pool += _run_contexts(model, batch, [groups[c] for c in batch], pairs, out)
             batch = []
+            if len(pool) >= 4 * batch_size or nxt is None:  # enough rows to sort into batches of like length
+                _run_continuations(model, pool, pairs, out, batch_size)
+                bar.update(sum(o is not None for o in out) - bar.n)
+                pool = []
     bar.close()
     return out
 
 
-def _score_batch(model, ctxs, members, pairs, out, batch_size):
-    """Score the continuations of G contexts: one forward of the contexts (right padding is harmless: attention
-    is causal), then the continuations of the contexts of each length L, from position L on copies of their
-    context's KV cache, sorted by length (little padding), batch_size rows at a time."""
+def _run_contexts(model, ctxs, members, pairs, out):
+    """One forward of G contexts (right padding is harmless: attention is causal): each continuation's first token
+    is scored from it. Returns the rows still to run, (pair index, log p and greedy of token 0, context length,
+    the contexts' KV cache (per layer (k, v), each (G, nkv, L_max, hs)), context g)."""
     device = model.inv_freq.device
-    lens = [len(c) for c in ctxs]
-    rows = sorted(((i, g) for g, idx in enumerate(members) for i in idx),
-                  key=lambda r: (lens[r[1]], len(pairs[r[0]][1])))  # by context length, then continuation length
-    G, M = len(ctxs), max(len(pairs[i][1]) for i, _ in rows)
-    model.setup_cache(max(G, min(len(rows), batch_size)), max(lens) + M - 1)
+    G, Lmax = len(ctxs), len(ctxs[0])
+    lens = torch.tensor([len(c) for c in ctxs], device=device)  # (G,)
+    model.setup_cache(G, Lmax)
     try:
-        x = torch.tensor([list(c) + [0] * (lens[0] - len(c)) for c in ctxs], device=device)  # (G, L_max)
-        h = model.hidden(x)  # (G, L_max, C); fills cache rows 0..G-1
-        first = model.lm_head(h[torch.arange(G, device=device), torch.tensor(lens, device=device) - 1]).float()
-        saved = [tuple(c[:G, :, :lens[0]].clone() for c in layer.self_attn.cache) for layer in model.layers]
-        s = 0
-        while s < len(rows):  # a chunk: rows whose contexts have one length L, at most batch_size of them
-            L = lens[rows[s][1]]
-            e = s
-            while e < len(rows) and e - s < batch_size and lens[rows[e][1]] == L:
-                e += 1
-            chunk, s = rows[s:e], e
-            conts = [pairs[i][1] for i, _ in chunk]
-            owner = torch.tensor([g for _, g in chunk], device=device)
-            R, m = len(chunk), max(map(len, conts))
-            target = torch.tensor([c + [0] * (m - len(c)) for c in conts], device=device)  # (R, m)
-            valid = torch.arange(m, device=device) < torch.tensor([len(c) for c in conts], device=device)[:, None]
-            lp = torch.zeros(R, m, device=device)  # log p of each target token (0 on padding)
-            greedy = torch.ones(R, m, dtype=torch.bool, device=device)  # target is the argmax (True on padding)
-            lp[:, 0], greedy[:, 0] = _logprob(first[owner], target[:, 0])
-            if m > 1:
-                for layer, kv in zip(model.layers, saved):  # each row continues from a copy of its context
-                    for c, c0 in zip(layer.self_attn.cache, kv):
-                        c[:R, :, :L] = c0[owner, :, :L]
-                hc = model.hidden(target[:, :-1], start_pos=L)  # (R, m-1, C): the continuations less their last
-                v = valid[:, 1:]  # tokens, right-padded; the head runs on scored positions only
-                lp[:, 1:][v], greedy[:, 1:][v] = _logprob(model.lm_head(hc[v]).float(), target[:, 1:][v])
-            lp = lp.sum(1)
-            for r, (i, _) in enumerate(chunk):
-                out[i] = (lp[r].item(), bool(greedy[r].all()))
+        x = torch.tensor([list(c) + [0] * (Lmax - len(c)) for c in ctxs], device=device)  # (G, L_max)
+        h = model.hidden(x)  # (G, L_max, C); fills the cache
+        first = model.lm_head(h[torch.arange(G, device=device), lens - 1]).float()  # (G, V): predicts token 0
+        kv = [layer.self_attn.cache for layer in model.layers]
     finally:
         model.setup_cache(None, 0)
+    rows = [(i, g) for g, idx in enumerate(members) for i in idx]
+    owner = torch.tensor([g for _, g in rows], device=device)
+    lp0, greedy0 = _logprob(first[owner], torch.tensor([pairs[i][1][0] for i, _ in rows], device=device))
+    pool = []
+    for r, (i, g) in enumerate(rows):
+        if len(pairs[i][1]) == 1:
+            out[i] = (lp0[r].item(), bool(greedy0[r]))
+        else:
+            pool.append((i, lp0[r], greedy0[r], len(ctxs[g]), kv, g))
+    return pool
+
+
+def _run_continuations(model, pool, pairs, out, batch_size):
+    """The continuations of pooled rows (_run_contexts), batch_size rows at a time sorted by length: each row's
+    context KV copied to cache slots 0.., its continuation in slots from L = the longest context of the batch on,
+    at positions from its own context's length, the slots between masked out."""
+    device = model.inv_freq.device
+    pool = sorted(pool, key=lambda r: len(pairs[r[0]][1]))
+    for s in range(0, len(pool), batch_size):
+        chunk = pool[s:s + batch_size]
+        conts = [pairs[r[0]][1] for r in chunk]
+        R, m = len(chunk), max(map(len, conts))
+        lens = torch.tensor([r[3] for r in chunk], device=device)  # (R,) context lengths
+        L = int(lens.max())
+        model.setup_cache(R, L + m - 1)
+        try:
+            sources = {}  # each context batch's cache -> (rows of this batch, their contexts in it)
+            for r, (_, _, _, _, kv, g) in enumerate(chunk):
+                rows, gs = sources.setdefault(id(kv), (kv, [], []))[1:]
+                rows.append(r), gs.append(g)
+            for kv, rows, gs in sources.values():
+                rows, gs = torch.tensor(rows, device=device), torch.tensor(gs, device=device)
+                n = min(kv[0][0].shape[2], L)
+                for layer, src in zip(model.layers, kv):
+                    for c, c0 in zip(layer.self_attn.cache, src):
+                        c[rows, :, :n] = c0[gs, :, :n]
+            target = torch.tensor([c + [0] * (m - len(c)) for c in conts], device=device)  # (R, m)
+            valid = torch.arange(m, device=device) < torch.tensor([len(c) for c in conts], device=device)[:, None]
+            t = torch.arange(m - 1, device=device)
+            pos = lens[:, None] + t  # (R, m-1): each row goes on from its own context's length
+            slot = torch.arange(L + m - 1, device=device)
+            mask = (slot < lens[:, None, None]) | ((slot >= L) & (slot <= L + t[:, None]))  # (R, m-1, L+m-1)
+            hc = model.hidden(target[:, :-1], start_pos=L, pos=pos, mask=mask[:, None])  # (R, m-1, C)
+            v = valid[:, 1:]  # the continuations less their last token, right-padded; the head on scored ones
+            lp = torch.zeros(R, m - 1, device=device)
+            greedy = torch.ones(R, m - 1, dtype=torch.bool, device=device)  # True on padding
+            lp[v], greedy[v] = _logprob(model.lm_head(hc[v]).float(), target[:, 1:][v])
+        finally:
+            model.setup_cache(None, 0)
+        for r, (i, lp0, greedy0, *_) in enumerate(chunk):
+            out[i] = ((lp0 + lp[r].sum()).item(), bool(greedy0) and bool(greedy[r].all()))
 
 
 def _logprob(logits, target):
@@ -332,15 +364,23 @@ def max_loglik_diff(a, b):
     return max(d) if d else None
 
 
-def check_hf(path, names, cfg, task_manager, ours, ours_s, device):
-    """lm-eval's own hf backend (transformers) on the same model and items: the largest per-item log-likelihood
-    difference to ours, each backend's accuracy and items/s. A check that our LM scores what lm-eval would."""
+def check_hf(path, names, cfg, task_manager, device, dtype):
+    """lm-eval's own hf backend (transformers) against ours on the same model, items and dtype: the largest
+    per-item log-likelihood difference, each backend's score, and items/s over check_rounds rounds run
+    alternately (ours, hf, ours, hf, ...: drift in a shared machine hits both alike) with the median of the
+    per-round ratios. A check that our LM scores what lm-eval would, and how much faster."""
     from lm_eval.models.huggingface import HFLM
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError("--check_hf needs --model to be an HF dir (an exported student), not a checkpoint")
-    hf = HFLM(pretrained=path, device=device, dtype="float32" if device == "cpu" else "bfloat16",
-              batch_size=cfg["batch_size"])
-    theirs, secs = run_tasks(hf, names, cfg, task_manager)
+    model, tok, eos = load_checked(path, device, dtype)
+    lms = {"ours": make_lm(model, tok, eos, adds_bos(path), cfg["batch_size"], cfg["compile"]),
+           "hf": HFLM(pretrained=path, device=device, dtype=dtype, batch_size=cfg["batch_size"])}
+    res, secs = {}, {"ours": [], "hf": []}
+    for _ in range(cfg["check_rounds"]):
+        for who, lm in lms.items():
+            res[who], t = run_tasks(lm, names, cfg, task_manager)
+            secs[who].append(t)
+    ours, theirs = res["ours"], res["hf"]
     rows = {}
     for task in names:
         if task not in theirs.get("samples", {}):
@@ -351,9 +391,13 @@ def check_hf(path, names, cfg, task_manager, ours, ours_s, device):
                       "hf": theirs["results"][task][f"{m},none"], "max_abs_diff": max_loglik_diff(a, b),
                       "same_items": a == b}
     n = n_items(ours)
-    speed = {"items": n, "ours_items_per_s": n / ours_s, "hf_items_per_s": n / secs, "speedup": secs / ours_s}
-    print(f"\ncheck against lm-eval's hf backend ({n} items): nanoLRC {speed['ours_items_per_s']:.2f} items/s, "
-          f"hf {speed['hf_items_per_s']:.2f} items/s, {speed['speedup']:.2f}x")
+    ratios = [h / o for o, h in zip(secs["ours"], secs["hf"])]
+    speed = {"items": n, "rounds": len(ratios), "ours_s": secs["ours"], "hf_s": secs["hf"],
+             "ours_items_per_s": n / statistics.median(secs["ours"]), "hf_items_per_s": n / statistics.median(secs["hf"]),
+             "speedup": statistics.median(ratios), "speedup_per_round": ratios}
+    print(f"\ncheck against lm-eval's hf backend ({n} items, {dtype}, {len(ratios)} alternating rounds, medians): "
+          f"nanoLRC {speed['ours_items_per_s']:.2f} items/s, hf {speed['hf_items_per_s']:.2f} items/s, "
+          f"{speed['speedup']:.2f}x (per round {', '.join(f'{r:.2f}' for r in ratios)})")
     for task, r in rows.items():
         diff = "" if r["max_abs_diff"] is None else f", max |loglik diff| {r['max_abs_diff']:.2e}"
         print(f"  {task}: {r['metric']} {r['ours']:.4f} (ours) vs {r['hf']:.4f} (hf){diff}, "
@@ -402,6 +446,21 @@ def text_stats(student, teacher, ids, block_size):
     return s
 
 
+def text_metrics(student, teacher, tok, text, block_size=1024):
+    """Held-out text metrics of loaded models (demo.py's report calls this): {tokens, bytes, student_loss,
+    student_bpb} and with a teacher (same tokenizer) also teacher_loss, teacher_bpb, kl (KL(teacher||student) per
+    token, T=1) and agreement (top-1). Losses in nats per token; bits per byte over the text's UTF-8 bytes."""
+    ids = [tok.eos_id] + tok.encode(text)  # a document starts after EOS, as training packs them
+    s = text_stats(student, teacher, ids, min(block_size, student.config.max_position_embeddings))
+    n, nbytes = max(s["tokens"], 1), len(text.encode("utf-8"))
+    row = {"tokens": s["tokens"], "bytes": nbytes, "student_loss": s["student_nll"] / n,
+           "student_bpb": s["student_nll"] / math.log(2) / nbytes}
+    if teacher is not None:
+        row.update(teacher_loss=s["teacher_nll"] / n, teacher_bpb=s["teacher_nll"] / math.log(2) / nbytes,
+                   kl=s["kl"] / n, agreement=s["agree"] / n)
+    return row
+
+
 def run_text(files, student_path, teacher_path, cfg, device, dtype):
     """Per file: tokens, loss per token and bits per byte (student, teacher), KL(teacher||student), agreement."""
     texts = {}
@@ -415,18 +474,7 @@ def run_text(files, student_path, teacher_path, cfg, device, dtype):
         if ttok.fingerprint != tok.fingerprint or teacher.config.vocab_size != student.config.vocab_size:
             raise ValueError("--text: teacher and student have different tokenizers or vocabularies; KL and "
                              "agreement need the same ones")
-    T = min(cfg["block_size"], student.config.max_position_embeddings)
-    rows = {}
-    for f, text in texts.items():
-        ids = [tok.eos_id] + tok.encode(text)  # a document starts after EOS, as training packs them
-        s = text_stats(student, teacher, ids, T)
-        n, nbytes = max(s["tokens"], 1), len(text.encode("utf-8"))
-        row = {"tokens": s["tokens"], "bytes": nbytes, "student_loss": s["student_nll"] / n,
-               "student_bpb": s["student_nll"] / math.log(2) / nbytes}
-        if teacher is not None:
-            row.update(teacher_loss=s["teacher_nll"] / n, teacher_bpb=s["teacher_nll"] / math.log(2) / nbytes,
-                       kl=s["kl"] / n, agreement=s["agree"] / n)
-        rows[f] = row
+    rows = {f: text_metrics(student, teacher, tok, text, cfg["block_size"]) for f, text in texts.items()}
     cols = ["tokens", "student_loss", "student_bpb"] + \
         (["teacher_loss", "teacher_bpb", "kl", "agreement"] if teacher is not None else [])
     fmt = lambda k, v: f"{v:,}" if k == "tokens" else f"{100 * v:.1f}%" if k == "agreement" else f"{v:.3f}"  # noqa
@@ -440,6 +488,8 @@ def run_text(files, student_path, teacher_path, cfg, device, dtype):
 
 def evaluate(cfg):
     """Everything eval.py does for a resolved config; returns the report written as JSON."""
+    check_ranges(cfg, {"batch_size": AT_LEAST_1, "block_size": AT_LEAST_1, "check_rounds": AT_LEAST_1,
+                       "limit": NON_NEGATIVE})
     device, dtype = resolve_system(cfg)
     if not cfg["tasks"] and not cfg["text"]:
         raise ValueError("nothing to evaluate: give --tasks=NAMES (or paper) and/or --text=FILE,...")
@@ -460,7 +510,7 @@ def evaluate(cfg):
             if not path:
                 continue
             model, tok, eos = load_checked(path, device, dtype)
-            lm = make_lm(model, tok, eos, adds_bos(tokenizer_dir_of(path)), cfg["batch_size"])
+            lm = make_lm(model, tok, eos, adds_bos(tokenizer_dir_of(path)), cfg["batch_size"], cfg["compile"])
             results[role], secs[role] = run_tasks(lm, names, cfg, tm)
             n = n_items(results[role])
             print(f"{role} {path}: {n} items in {secs[role]:.1f} s ({n / secs[role]:.1f} items/s)", file=sys.stderr)
@@ -470,7 +520,7 @@ def evaluate(cfg):
         print(table(rows))
         report["tasks"] = rows
         if cfg["check_hf"]:
-            report["check_hf"] = check_hf(student_path, names, cfg, tm, results["student"], secs["student"], device)
+            report["check_hf"] = check_hf(student_path, names, cfg, tm, device, dtype)
         report["lm_eval"] = {role: {k: v for k, v in r.items() if k != "samples"} for role, r in results.items()}
     if cfg["text"]:
         files = [os.path.expanduser(f) for f in cfg["text"].split(",") if f]

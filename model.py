@@ -115,17 +115,23 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    pos = torch.arange(start, start + T, device=inv_freq.device, dtype=torch.float32)
-    freqs = torch.outer(pos, inv_freq)  # (T, hs/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs): rotate-half layout
+def rope_cos_sin(inv_freq: torch.Tensor, start, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (T, hs) at positions start .. start+T-1."""
+    return rope_at(inv_freq, torch.arange(T, device=inv_freq.device) + start)
+
+
+def rope_at(inv_freq: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (*pos.shape, hs) at integer positions of any shape: a (B, T) pos gives each row its own."""
+    freqs = pos.float()[..., None] * inv_freq  # (..., hs/2): the same fp32 products as HF's
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., hs): rotate-half layout
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    f = torch.promote_types(x.dtype, torch.float32)  # fp32 for bf16/fp32 as HF; fp64 stays fp64 (a reference)
+    return (x.to(f) * cos + rotated.to(f) * sin).to(x.dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -138,7 +144,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # normalise in fp32 as HF does, then scale in the weight's dtype
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # in fp32 as HF (fp64 stays), then scale in
+        # the weight's dtype
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -158,7 +165,11 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.hs, cfg.rms_norm_eps) if qk_norm else None
         self.cache = None  # (k, v), each (B, nkv, max_len, hs), set by Transformer.setup_cache
 
-    def forward(self, x, cos, sin, start_pos=0, acts=None):
+    def forward(self, x, cos, sin, start_pos=0, acts=None, mask=None):
+        """x (B, T, C); cos, sin (T, hs), or (B, 1, T, hs) for a position per row. With the KV cache, x's keys
+        and values go to cache slots start_pos .. start_pos+T-1 (start_pos an int, or a 0-d tensor for a
+        compiled step). mask (B|1, 1, T, S), True where a query may attend: it sees cache slots 0 .. S-1 (empty
+        slots, other rows' padding masked out); without a mask, the slots before its own and itself (causal)."""
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if acts is not None:  # LRC clones the projections' outputs: before RoPE (paper Sec. 4.2), before q/k_norm
@@ -171,21 +182,30 @@ class Attention(nn.Module):
         v = v.view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         if self.cache is not None:
             ck, cv = self.cache
-            ck[:B, :, start_pos:start_pos + T] = k
-            cv[:B, :, start_pos:start_pos + T] = v
-            k, v = ck[:B, :, :start_pos + T], cv[:B, :, :start_pos + T]  # (B, nkv, S, hs)
+            if isinstance(start_pos, int):
+                ck[:B, :, start_pos:start_pos + T] = k
+                cv[:B, :, start_pos:start_pos + T] = v
+            else:  # a tensor: the same write with static shapes
+                slots = torch.arange(T, device=x.device) + start_pos
+                ck[:B].index_copy_(2, slots, k)
+                cv[:B].index_copy_(2, slots, v)
+            S = start_pos + T if mask is None else mask.shape[-1]
+            k, v = ck[:B, :, :S], cv[:B, :, :S]  # (B, nkv, S, hs)
         rep = self.nh // self.nkv  # GQA: each kv head serves `rep` query heads
+        if T == 1 and acts is None:  # one new token: each kv head's query heads as rows, no copy of the cache
+            y = F.scaled_dot_product_attention(q.reshape(B, self.nkv, rep, self.hs), k, v, attn_mask=mask)
+            return self.o_proj(y.reshape(B, 1, self.nh * self.hs))  # (B, nkv, rep, hs) -> (B, 1, nh*hs)
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hs)
         S = k.shape[2]
+        if mask is None and (S != T or acts is not None and "attn_probs" in acts):
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # t sees S-T+t
         if acts is not None and "attn_probs" in acts:  # asked for (TinyBERT): the probabilities, written out
             att = (q @ k.transpose(-2, -1)) * self.hs ** -0.5  # (B, nh, T, S)
-            causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            acts["attn_probs"] = att.float().masked_fill(~causal, float("-inf")).softmax(-1)  # (B, nh, T, S)
+            acts["attn_probs"] = att.float().masked_fill(~mask, float("-inf")).softmax(-1)  # (B, nh, T, S)
             y = acts["attn_probs"].to(v.dtype) @ v  # (B, nh, T, hs)
-        elif T == 1 or S == T:  # one new token sees everything; a full prefill is plain causal
+        elif mask is None:  # a full prefill is plain causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-        else:  # prefill after earlier tokens: query t sits at position start_pos + t
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        else:  # after earlier tokens (query t sits at slot S - T + t), or an explicit mask
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)  # (B, T, nh*hs)
         return self.o_proj(y)
@@ -213,10 +233,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, start_pos=0, acts=None):
+    def forward(self, x, cos, sin, start_pos=0, acts=None, mask=None):
         """acts: an optional dict the block fills with q, k, v, gate, up, attn_out and ffn_out; if it already
-        holds the key "attn_probs", attention is computed explicitly and its probabilities stored there."""
-        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, start_pos, acts)
+        holds the key "attn_probs", attention is computed explicitly and its probabilities stored there.
+        start_pos, mask: as Attention.forward."""
+        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, start_pos, acts, mask)
         x = x + attn_out
         ffn_out = self.mlp(self.post_attention_layernorm(x), acts)
         if acts is not None:
@@ -248,23 +269,30 @@ class Transformer(nn.Module):
                 nn.init.ones_(m.weight)
         return self
 
-    def forward(self, idx, targets=None, start_pos=0, acts=None):
+    def forward(self, idx, targets=None, start_pos=0, acts=None, pos=None, mask=None):
         """idx (B, T) -> logits (B, T, V) and the mean next-token loss (ignore_index -100) when targets
-        are given. acts: an optional list that receives one dict of block activations per layer."""
-        logits = self.lm_head(self.hidden(idx, start_pos, acts))
+        are given. acts: an optional list that receives one dict of block activations per layer.
+        pos, mask: rows of different lengths in one batch (see hidden)."""
+        logits = self.lm_head(self.hidden(idx, start_pos, acts, pos, mask))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
 
-    def hidden(self, idx, start_pos=0, acts=None):
+    def hidden(self, idx, start_pos=0, acts=None, pos=None, mask=None):
         """The final normalised hidden states (B, T, C): forward without the head, for losses that apply
-        the head chunk by chunk (losses.distill_head) instead of building [B, T, V] logits."""
+        the head chunk by chunk (losses.distill_head) instead of building [B, T, V] logits.
+        With the KV cache, idx goes to cache slots start_pos.. . pos (B, T): each token's position, when rows
+        are not at start_pos, start_pos+1, ... (a row that continues a shorter context); mask (B, 1, T, S): which
+        cache slots each query sees (Attention.forward), so that rows of different lengths share a batch."""
         x = self.embed_tokens(idx)  # (B, T, C)
-        cos, sin = rope_cos_sin(self.inv_freq, start_pos, idx.shape[1])
+        if pos is None:
+            cos, sin = rope_cos_sin(self.inv_freq, start_pos, idx.shape[1])  # (T, hs)
+        else:
+            cos, sin = (c[:, None] for c in rope_at(self.inv_freq, pos))  # (B, 1, T, hs)
         for layer in self.layers:
             a = None if acts is None else {}
-            x = layer(x, cos, sin, start_pos, a)
+            x = layer(x, cos, sin, start_pos, a, mask)
             if a is not None:
                 acts.append(a)
         return self.norm(x)
@@ -278,30 +306,54 @@ class Transformer(nn.Module):
             shape = (batch_size, a.nkv, max_len, a.hs)
             a.cache = None if batch_size is None else (p.new_zeros(shape), p.new_zeros(shape))
 
+    def decode_step(self, tok, pos):
+        """One new token per row over the whole static cache: tok (B, 1) at position pos (a 0-d tensor) ->
+        logits (B, V). Every shape is fixed by the cache, so torch.compile builds it once per cache size."""
+        S = self.layers[0].self_attn.cache[0].shape[2]
+        mask = (torch.arange(S, device=tok.device) <= pos)[None, None, None]  # (1, 1, 1, S): slots up to pos
+        x = self.embed_tokens(tok)  # (B, 1, C)
+        cos, sin = rope_at(self.inv_freq, pos[None])  # (1, hs)
+        for layer in self.layers:
+            x = layer(x, cos, sin, pos, None, mask)
+        return self.lm_head(self.norm(x))[:, -1]  # (B, V)
+
+    def compiled_step(self):
+        """decode_step compiled (torch.compile, static shapes), built on first use and kept with the model."""
+        if getattr(self, "_compiled_step", None) is None:
+            self._compiled_step = torch.compile(self.decode_step, fullgraph=True, dynamic=False)
+        return self._compiled_step
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_id=None,
-                 use_cache=True, generator=None, vocab_size=None):
+                 use_cache=True, generator=None, vocab_size=None, compile=False):
         """Yield (B,) next tokens one step at a time (so callers can stream). Greedy at temperature 0.
         Stops early when every row has produced eos_id (an int or a collection of ints). vocab_size: ids from
         there on are never drawn (an embedding's padding rows that no token has, e.g. Qwen2.5's 151,665 tokens
-        in 151,936 rows: an undertrained student can put mass there)."""
+        in 151,936 rows: an undertrained student can put mass there).
+        With the cache (the fast path), the prompt runs in one forward, then each token in decode_step over a
+        cache of a power-of-two length (so a compiled step is reused across calls); compile: torch.compile
+        that step (the first call per cache size compiles: worth it for long generations)."""
         B, T = idx.shape
         eos = torch.tensor(sorted(eos_id) if isinstance(eos_id, (list, set, tuple)) else
                            [] if eos_id is None else [eos_id], device=idx.device)
         if use_cache:
-            self.setup_cache(B, T + max_new_tokens)
+            size = max(256, 1 << (T + max_new_tokens - 1).bit_length())  # a few sizes: few compilations
+            self.setup_cache(B, min(size, max(T + max_new_tokens, self.config.max_position_embeddings)))
+            step = self.compiled_step() if compile else self.decode_step
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        pos, inp = 0, idx
         try:
-            for _ in range(max_new_tokens):
-                logits, _ = self(inp, start_pos=pos) if use_cache else self(idx)
-                nxt = sample_next(logits[:, -1, :vocab_size].float(), temperature, top_k, top_p, generator)
+            logits = self.lm_head(self.hidden(idx)[:, -1]) if use_cache else None  # (B, V): the prompt at once
+            for i in range(max_new_tokens):
+                if not use_cache:
+                    logits = self(idx)[0][:, -1]
+                nxt = sample_next(logits[:, :vocab_size].float(), temperature, top_k, top_p, generator)
                 yield nxt
-                idx = torch.cat((idx, nxt[:, None]), dim=1)
-                pos, inp = pos + inp.shape[1], nxt[:, None]
+                idx = idx if use_cache else torch.cat((idx, nxt[:, None]), dim=1)
                 done |= torch.isin(nxt, eos)
-                if done.all():
+                if done.all() or i == max_new_tokens - 1:
                     break
+                if use_cache:
+                    logits = step(nxt[:, None], torch.tensor(T + i, device=idx.device))
         finally:
             if use_cache:
                 self.setup_cache(None, 0)

@@ -7,6 +7,7 @@ Sample from a model: an HF dir (a teacher, an exported student) or a training ch
     echo "In the beginning" | python sample.py --prompt=-
     python sample.py --chat=True --prompt="Name three colours."   # the prompt as a user turn of a chat
     python sample.py --model=~/.cache/nanolrc/SmolLM2-135M-Instruct  # no prompt, on a terminal: chat
+    python sample.py --dtype=bfloat16 --compile=True --max_new_tokens=1024   # the fastest decode (bench.py model)
 
 --model is an HF dir (config.json, safetensors, tokenizer.json), a training out_dir (its student/ once
 exported, else its ckpt.pt, with the teacher's tokenizer) or a ckpt.pt file. Text streams as it is made;
@@ -36,6 +37,8 @@ DEFAULTS = dict(
     top_k=200,  # 0 = off
     top_p=1.0,  # 1.0 = off; in (0, 1]
     seed=1337,
+    compile=False,  # torch.compile the one-token decode step (model.Transformer.decode_step): compiles once
+    # per cache size (tens of seconds on a CPU), then faster per token; worth it for long or many generations
     device="auto",  # auto: cuda if available, else cpu
     dtype="auto",  # auto: bfloat16 on cuda, float32 on cpu
 )
@@ -101,8 +104,8 @@ def stream(model, tok, ids, eos, cfg, generator=None, out=None):
     utf8, new = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
     idx = torch.tensor([ids], device=next(model.parameters()).device)
     t0 = time.perf_counter()
-    for nxt in model.generate(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None,
-                              cfg["top_p"], eos_id=eos, generator=generator, vocab_size=tok.vocab_size):
+    for nxt in model.generate(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None, cfg["top_p"],
+                              eos_id=eos, generator=generator, vocab_size=tok.vocab_size, compile=cfg["compile"]):
         if nxt.item() in eos:
             break
         new.append(nxt.item())

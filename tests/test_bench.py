@@ -44,7 +44,8 @@ def test_model_against_transformers(tiny_teacher):
     out = bench("model", f"--teacher={tiny_teacher}", "--batch_size=2", "--block_size=16", "--new_tokens=8",
                 "--warmup=0", "--iters=1")
     assert "ours/theirs" in out and "forward tok/s (2x16)" in out and "generate tok/s (batch 1, 8 new)" in out
-    assert "greedy tokens identical for the first 8/8" in out, out
+    assert "generate tok/s, compiled step (batch 1, 8 new)" in out
+    assert out.count("greedy tokens identical for the first 8/8") == 2, out  # eager step and compiled step
 
 
 # -- memory: the dry run at the real shapes --------------------------------------------------------

@@ -146,6 +146,15 @@ def test_command_prints_the_table_and_writes_json(hf_dir, task_dir, tmp_path, ca
     assert report["lm_eval"]["student"]["n-samples"]["tiny_mc"]["effective"] == 8
 
 
+def test_check_hf_alternates_rounds(hf_dir, task_dir, tmp_path, capsys):
+    report = ev.main([f"--model={hf_dir}", "--tasks=tiny_mc", f"--include_path={task_dir}", "--limit=8",
+                      "--check_hf=True", "--check_rounds=2", f"--output_path={tmp_path / 'r.json'}"])["check_hf"]
+    assert report["rounds"] == 2 and len(report["ours_s"]) == len(report["hf_s"]) == 2
+    assert report["speedup"] == pytest.approx(sum(report["speedup_per_round"]) / 2)  # the median of two
+    assert report["tasks"]["tiny_mc"]["max_abs_diff"] <= 1e-4
+    assert "2 alternating rounds, medians" in capsys.readouterr().out
+
+
 def test_text_metrics(hf_dir, tmp_path, capsys):
     f = tmp_path / "held_out.txt"
     f.write_text(sentence(random.Random(2), 300))

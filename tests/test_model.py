@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import ModelConfig, Transformer
 
@@ -89,6 +90,47 @@ def test_chunked_prefill_matches_full_forward(tmp_path):
         b, _ = model(idx[:, 12:], start_pos=12)
         model.setup_cache(None, 0)
     assert_logits_close(torch.cat((a, b), 1), full)
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied", "qwen3_untied"])
+def test_rows_of_different_lengths_share_a_batch(name, tmp_path):
+    """eval.py's layout: contexts of different lengths right-padded in cache slots 0..L_max-1, then each row's
+    continuation in slots L_max.. at positions from its own context's length (pos), the slots between masked.
+    Every row's logits must be those transformers gives for its context + continuation alone."""
+    hf, path = make_hf(name, tmp_path)
+    model = Transformer.from_pretrained(path).eval()
+    g = torch.Generator().manual_seed(3)
+    ctx_lens, cont_lens = [9, 4, 1], [5, 2, 5]
+    ctxs = [torch.randint(0, TINY["vocab_size"], (n,), generator=g) for n in ctx_lens]
+    conts = [torch.randint(0, TINY["vocab_size"], (n,), generator=g) for n in cont_lens]
+    L, m = max(ctx_lens), max(cont_lens)
+    lens = torch.tensor(ctx_lens)
+    with torch.no_grad():
+        model.setup_cache(3, L + m)
+        model(torch.stack([F.pad(c, (0, L - len(c))) for c in ctxs]))  # (3, L): the contexts, right-padded
+        t, slot = torch.arange(m), torch.arange(L + m)
+        mask = (slot < lens[:, None, None]) | ((slot >= L) & (slot <= L + t[:, None]))  # (3, m, L+m)
+        ours, _ = model(torch.stack([F.pad(c, (0, m - len(c))) for c in conts]), start_pos=L,
+                        pos=lens[:, None] + t, mask=mask[:, None])  # (3, m, V)
+        model.setup_cache(None, 0)
+        for r in range(3):
+            ref = hf(torch.cat((ctxs[r], conts[r]))[None]).logits[0, ctx_lens[r]:]  # (cont_len, V)
+            assert_logits_close(ours[r, :cont_lens[r]], ref)
+
+
+def test_compiled_decode_step_matches_eager_and_transformers(tmp_path):
+    """The fast path: a compiled one-token step over the static cache gives the greedy tokens of the eager step
+    and of transformers, for two rows at once, and is reused by a second call of another prompt length."""
+    hf, path = make_hf("qwen2_tied", tmp_path)
+    model = Transformer.from_pretrained(path).eval()
+    g = torch.Generator().manual_seed(4)
+    for T in (7, 11):
+        idx = torch.randint(0, TINY["vocab_size"], (2, T), generator=g)
+        fast = torch.stack(list(model.generate(idx, 24, compile=True)), 1)
+        eager = torch.stack(list(model.generate(idx, 24)), 1)
+        ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=24, min_new_tokens=24,
+                          do_sample=False, pad_token_id=0)[:, T:]  # no mask: transformers would hide token 0
+        assert torch.equal(fast, eager) and torch.equal(fast, ref)
 
 
 @pytest.mark.parametrize("name", ["qwen2_untied", "llama_bias_tied", "qwen3_tied", "qwen3_untied"])
