@@ -4,6 +4,7 @@ Benchmarks that print tables (they are not tests). Machines are noisy: compare i
     python bench.py model [--teacher=HF_DIR] [--dtype=bfloat16]        # model.Transformer vs transformers
     python bench.py step [config.py ...] [--key=value ...] [--variants=fp32,bf16,bf16+compile] [--peak_tflops=X]
     python bench.py head [--vocab=151936 --tokens=2048 --d=1200 --d_teacher=2048]
+    python bench.py official --official_path=DIR [--official_python=PY] [config.py ...] [--key=value ...] [--rounds=3]
     python bench.py smoke [--device=cuda] [--out=out/smoke]              # run this first on a new cluster
     python bench.py memory config/lrc_qwen.py [--world_size=8] [--zero=True] [--key=value ...]   # no GPU needed
 
@@ -20,6 +21,14 @@ step   one training step of a train.py config (default config/lrc_demo.py and th
        | permicro (LRC weights generated per micro-batch instead of once per step) on top of the config.
 head   the loss stage alone, plain (full logits h @ W.T, losses.distill_losses, backward) vs fused (losses.distill_head,
        backward): time and peak memory above the inputs, and the two's max |diff| in losses and gradients.
+official  s/step of the official LRC code (a checkout at official_path: github.com/CURRENTF/LowRankClone; it is
+       not a dependency and asserts transformers 4.41.2, so official_python is an interpreter that has that, e.g. a
+       venv made with --system-site-packages and `pip install transformers==4.41.2 accelerate`) and of nanoLRC at
+       equal work, each step in a fresh process, alternating, for rounds rounds: wall and CPU seconds, per-round
+       ratios and medians. nanoLRC's variants (default fp32+eager, bf16+eager, bf16+compile) each meet the official
+       code in their dtype; see official_step for how it is run. E.g. the issue-18 table:
+       python bench.py official --official_path=DIR --official_python=PY --d_student=256 --alpha=0.5
+           --temperature=40.0 --kl_reduction=batchmean --clone_norm=none --init=normal
 smoke  every path that only a GPU takes, end to end as a user runs it, on a small random teacher (no download):
        torchrun with nccl (1 process; 2 with 2+ GPUs, there with zero, epoch sampling and a wall-time stop),
        bf16 autocast, torch.compile, evaluation, a checkpoint, a preemption and --resume, export, sample.py from
@@ -71,7 +80,8 @@ from tokenizer import bytes_to_unicode, load_tokenizer
 MODEL_OPTS = dict(teacher="", device="auto", dtype="float32", batch_size=8, block_size=256, prompt_len=16,
                   new_tokens=64, warmup=2, iters=5, compile=True)
 # beside every key of train.DEFAULTS; one_pass=False generates LRC's weights per micro-batch (the baseline)
-STEP_OPTS = dict(variants="", peak_tflops=0.0, warmup=1, iters=3, one_pass=True)
+STEP_OPTS = dict(variants="", peak_tflops=0.0, warmup=1, iters=3, one_pass=True, stages=True)  # stages: time the
+# teacher and the loss head alone as well
 HEAD_OPTS = dict(vocab=151936, tokens=2048, d=1200, d_teacher=2048, temperature=40.0, device="auto",
                  dtype="float32", warmup=0, iters=2, seed=0)
 VARIANTS = {"fp32": ("dtype", "float32"), "bf16": ("dtype", "bfloat16"), "compile": ("compile", True),
@@ -101,6 +111,14 @@ def timed(device, fn):
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
     return out, time.perf_counter() - t0
+
+
+def cpu_timed(device, fn):
+    """(wall seconds, CPU seconds of this process, all threads) of fn(). On a shared machine the CPU seconds
+    move less with the load than the wall time does."""
+    c0 = time.process_time()
+    _, t = timed(device, fn)
+    return t, time.process_time() - c0
 
 
 def mem_mark(device):
@@ -258,11 +276,16 @@ def step_variant(cfg):
                                                            cfg["temperature"], cfg["kl_reduction"])[0].backward())
         return {"teacher": t_teacher, "head": t_head}
 
+    def step_cpu():
+        c0 = time.process_time()
+        return {**step(), "cpu": time.process_time() - c0}
     base = mem_mark(device)
-    times = [step() for _ in range(cfg["warmup"] + cfg["iters"])][cfg["warmup"]:]
+    times = [step_cpu() for _ in range(cfg["warmup"] + cfg["iters"])][cfg["warmup"]:]
     peak = mem_peak(device)  # before the parts timed alone: their tensors are not the step's
-    times += [parts() for _ in range(cfg["warmup"] + cfg["iters"])][cfg["warmup"]:]
-    out = {k: median(t[k] for t in times if k in t) for k in ("forward", "backward", "optimizer", "teacher", "head")}
+    if cfg["stages"]:
+        times += [parts() for _ in range(cfg["warmup"] + cfg["iters"])][cfg["warmup"]:]
+    out = {k: median([t[k] for t in times if k in t] or [float("nan")])
+           for k in ("forward", "backward", "optimizer", "teacher", "head", "cpu")}
     return {**out, "peak": peak, "above_model": peak - base, "flops": len(xs) * B * T * train.flops_per_token(model, T),
             "system": system(device), "dtype": dtype}
 
@@ -298,6 +321,148 @@ def bench_step(argv):
     print_table(["variant", "teacher ms", "student~ ms", "head ms", "forward ms", "backward ms", "optim ms",
                  "step ms", "tok/s", "MFU", "peak mem", "above model", "speed x", "mem x"], rows)
     print("student~ = forward - teacher - head (timed alone); speed x and mem x are relative to the first row")
+
+
+# -----------------------------------------------------------------------------
+# official: the official LRC code and nanoLRC at equal work, alternating
+
+OFFICIAL_OPTS = dict(official_path="", official_python="", rounds=3)  # beside STEP_OPTS and train.DEFAULTS
+
+
+def sdpa_attention(self, q, k, v, attention_mask, query_length, *args, **kwargs):
+    """Stands in for transformers 4.41's FlashAttention2._flash_attention_forward (flash-attn is CUDA-only):
+    causal attention over (B, T, heads, head_dim) inputs, kv heads shared by groups, no padding; same output."""
+    if attention_mask is not None:
+        raise NotImplementedError("bench.py official runs unpadded windows only")
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                         enable_gqa=q.shape[2] != k.shape[2])  # (B, heads, T, head_dim)
+    return out.transpose(1, 2)
+
+
+def official_step(cfg):
+    """Median seconds per training step of the official LRC code (modeling/co_train_{llama,qwen}.py of
+    github.com/CURRENTF/LowRankClone, imported from cfg["official_path"] and run as they are) at cfg's work: the
+    same teacher, d_S, T, alpha, grad_accum micro-batches of batch_size x block_size random tokens; clip and Adam
+    as train.py. Its flags are its README's paper command (use_all_attn, tie_word_emb_proj for a tied teacher).
+    dtype float32: everything fp32. bfloat16: as its DeepSpeed config trains, bf16 weights (no autocast) with fp32
+    master copies for Adam. Two changes, neither in its files: flash-attn -> SDPA (sdpa_attention), and a stub
+    for wandb, which it imports to log every 20 micro-batches. Runs in an interpreter with transformers 4.41.2
+    (the official code asserts that version)."""
+    import importlib.machinery
+    import types
+    sys.path.insert(0, os.path.abspath(cfg["official_path"]))
+    if "wandb" not in sys.modules:
+        sys.modules["wandb"] = types.ModuleType("wandb")
+        sys.modules["wandb"].__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+        sys.modules["wandb"].log = lambda *a, **k: None
+    import transformers
+    transformers.logging.set_verbosity_error()  # its checkpoint lacks the student's new weights: a page of warnings
+    from transformers.models.llama.modeling_llama import LlamaFlashAttention2
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2FlashAttention2
+    LlamaFlashAttention2._flash_attention_forward = Qwen2FlashAttention2._flash_attention_forward = sdpa_attention
+    model_type = read_json(os.path.join(cfg["teacher"], "config.json"))["model_type"]
+    if model_type not in ("llama", "qwen2"):
+        raise ValueError(f"the official code has Llama and Qwen2 students only, not {model_type!r}")
+    official = __import__(f"modeling.co_train_{'qwen' if model_type == 'qwen2' else 'llama'}", fromlist=["_"])
+    from tools.global_state import hyper_params
+    hyper_params.update(gradient_accumulation_steps=cfg["grad_accum"], aux_loss_scale_factor=cfg["alpha"])
+    device, dtype = train.resolve_system(cfg)
+    dtype = getattr(torch, dtype)
+    torch.manual_seed(cfg["seed"])
+    config = official.CustomConfig.from_pretrained(cfg["teacher"])
+    config.set_custom_kwargs(target_hidden_size=cfg["d_student"], target_rms_norm_eps=config.rms_norm_eps,
+                             kl_temperature=cfg["temperature"], use_all_attn=True,
+                             tie_word_emb_proj=config.tie_word_embeddings)
+    model = official.CoTrainLM.from_pretrained(cfg["teacher"], config=config, torch_dtype=dtype,
+                                               attn_implementation="sdpa").to(device)
+    model.freeze_original_model()
+    model.apply(official.reinit_weight)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    masters = [p.detach().float() for p in params] if dtype != torch.float32 else params
+    optimizer = torch.optim.Adam(masters, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), weight_decay=0.0)
+    V, B, T = config.vocab_size, cfg["batch_size"], cfg["block_size"]
+    xs = torch.randint(V, (cfg["grad_accum"], B, T), device=device)
+
+    def step():
+        for x in xs:  # its labels are the inputs, shifted inside (T - 1 predictions per window)
+            (model(input_ids=x, labels=x).loss / len(xs)).backward()
+        for p, m in zip(params, masters):
+            if m is not p:
+                m.grad = p.grad.float()
+        torch.nn.utils.clip_grad_norm_(masters, cfg["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, m in zip(params, masters):
+                if m is not p:
+                    p.copy_(m)
+    times = [cpu_timed(device, step) for _ in range(cfg["warmup"] + cfg["iters"])][cfg["warmup"]:]
+    return {"step": median(t for t, _ in times), "cpu": median(c for _, c in times),
+            "system": f"{system(device)} transformers {transformers.__version__}"}
+
+
+def official_in(python, cfg):
+    """official_step(cfg) in a new process of the given interpreter (its JSON is the last line printed)."""
+    code = "import bench, json, sys; print(json.dumps(bench.official_step(json.loads(sys.argv[1]))))"
+    r = subprocess.run([python, "-c", code, json.dumps(cfg)], cwd=os.path.dirname(os.path.abspath(__file__)),
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"the official code failed ({python}):\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bench_official(argv):
+    """Seconds per step, official vs nanoLRC, each run in a fresh process, alternating, for rounds rounds;
+    per-round ratios and their medians. Each of nanoLRC's variants is compared with the official code in the
+    variant's dtype (compile is nanoLRC's alone: the official code runs eager, as its trainer does)."""
+    if not any(a.endswith(".py") and not a.startswith("--") for a in argv):
+        argv = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "lrc_demo.py"), *argv]
+    cfg = configure_or_exit({**train.DEFAULTS, **STEP_OPTS, **OFFICIAL_OPTS}, argv)
+    check_ranges(cfg, {"iters": AT_LEAST_1, "warmup": NON_NEGATIVE, "rounds": AT_LEAST_1})
+    if cfg["method"] != "lrc":
+        raise ConfigError(f"bench.py official compares LRC only, not method {cfg['method']!r}")
+    path = cfg["official_path"]
+    if not os.path.isfile(os.path.join(path, "modeling", "co_train_llama.py")):
+        raise ConfigError(f"--official_path={path!r} is not a checkout of the official LRC code "
+                          "(no modeling/co_train_llama.py in it)")
+    python = cfg["official_python"] or sys.executable
+    train.check_config(cfg)
+    train.resolve_batch(cfg, 1)
+    names = [v for v in cfg["variants"].split(",") if v] or ["fp32+eager", "bf16+eager", "bf16+compile"]
+    variants = [variant_config(cfg, name) for name in names]
+    teacher = cfg["teacher"] or demo.convert_teacher()
+    work = {**cfg, "teacher": teacher, "stages": False}
+    print(f"official vs nanoLRC | teacher {teacher} | d_student {cfg['d_student']} | alpha {cfg['alpha']} | "
+          f"T {cfg['temperature']} | {cfg['kl_reduction']} | {cfg['grad_accum']} x {cfg['batch_size']}x"
+          f"{cfg['block_size']} tokens | median of {cfg['iters']} steps after {cfg['warmup']} per process")
+    times = {}  # (side, name) -> [seconds per round]
+    for rnd in range(cfg["rounds"]):
+        done = {}
+        for name, v in zip(names, variants):
+            if v["dtype"] not in done:
+                done[v["dtype"]] = official_in(python, {**work, **{k: v[k] for k in ("dtype", "compile")}})
+                off = done[v["dtype"]]
+                times.setdefault(("official", v["dtype"]), []).append((off["step"], off["cpu"]))
+            r = in_fresh_process(step_variant, {**work, **v})
+            times.setdefault(("nanoLRC", name), []).append((r["forward"] + r["backward"] + r["optimizer"], r["cpu"]))
+            (ow, oc), (nw, nc) = times["official", v["dtype"]][-1], times["nanoLRC", name][-1]
+            print(f"round {rnd + 1}: official {v['dtype']} {ow:.2f} s ({oc:.2f} CPU s), nanoLRC {name} {nw:.2f} s "
+                  f"({nc:.2f} CPU s) | load {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"nanoLRC: {r['system']}\nofficial: {done[v['dtype']]['system']}")
+    rows = []
+    for name, v in zip(names, variants):
+        off, ours = times["official", v["dtype"]], times["nanoLRC", name]
+        for i, unit in ((0, "s"), (1, "CPU s")):
+            ratios = [a[i] / b[i] for a, b in zip(off, ours)]
+            rows.append([name, v["dtype"], unit, f"{median(a[i] for a in off):.2f}",
+                         f"{median(b[i] for b in ours):.2f}", f"{median(ratios):.2f}x",
+                         " ".join(f"{x:.2f}" for x in ratios)])
+    print_table(["nanoLRC variant", "official dtype", "per step", "official", "nanoLRC", "official/nanoLRC",
+                 "per round"], rows)
+    print("s: wall seconds (what the machine gave); CPU s: CPU seconds of the process, all threads (steadier on a "
+          "shared machine). Ratios within a round only; medians over rounds.")
 
 
 # -----------------------------------------------------------------------------
@@ -827,7 +992,7 @@ def bench_memory(argv):
 
 if __name__ == "__main__":
     commands = {"model": (MODEL_OPTS, bench_model), "head": (HEAD_OPTS, bench_head), "step": (None, bench_step),
-                "smoke": (SMOKE_OPTS, bench_smoke), "memory": (None, bench_memory)}
+                "smoke": (SMOKE_OPTS, bench_smoke), "memory": (None, bench_memory), "official": (None, bench_official)}
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         sys.exit(__doc__)
     if sys.argv[1] not in commands:

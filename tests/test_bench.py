@@ -84,3 +84,10 @@ def test_memory_model_matches_a_real_cpu_run(tmp_path):
     r = bench_mod.in_fresh_process(bench_mod.measured_cpu, run)
     print(f"predicted {r['predicted'] / 2**20:.1f} MiB, measured {r['measured'] / 2**20:.1f} MiB")
     assert abs(r["predicted"] / r["measured"] - 1) < 0.15, r
+
+
+def test_official_needs_a_checkout_of_the_official_code(tmp_path):
+    """bench.py official takes the official code's path (it is not a dependency): a wrong one is a clear error."""
+    r = subprocess.run([sys.executable, "bench.py", "official", f"--official_path={tmp_path}"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "not a checkout of the official LRC code" in r.stderr
