@@ -6,6 +6,7 @@ The losses of LRC (paper Sec. 4.2.2-4.2.3) as plain functions of tensors; lrc.py
   distill_head    w_kl L_KL + w_lm L_LM straight from the final hidden states and the two heads, chunk by chunk
                   over tokens, never building [tokens, V] logits (FusedDistillHead); what training uses
   head_chunk      tokens per chunk of the loss head and of evaluation (HEAD_CHUNK_ELEMENTS per device)
+  head_block      tokens per block of the head's elementwise work (HEAD_BLOCK_ELEMENTS: cache-sized on CPU)
 
     kl, lm = distill_losses(s_logits, t_logits, targets, temperature=40.0)      # (B, T, V) logits
     loss, kl, lm = distill_head(h_s, w_s, h_t, w_t, targets, temperature=40.0)   # (B, T, d) states, (V, d) heads
@@ -17,12 +18,32 @@ import torch.nn.functional as F
 
 
 def mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Mean squared error, averaged in fp32. Written out rather than F.mse_loss, which would keep the teacher
-    tensor alive for backward; here only the difference is saved, in the activations' dtype (bf16 under
-    autocast: half the memory of an fp32 copy, for 7 terms x every layer). d * d, not d.square(): CUDA's
-    autocast runs square as pow in fp32 and would save an fp32 copy of d (7 GiB more at the Qwen recipe)."""
-    d = s - t.to(s.dtype)
-    return (d * d).mean(dtype=torch.float32)
+    """Mean squared error, its sum of squares in fp32 (see SquaredError)."""
+    return SquaredError.apply(s, t)
+
+
+class SquaredError(torch.autograd.Function):
+    """mean((s - t)^2), with gradients 2 (s - t) / n to s and its negative to t (an LRC target t_acts @ P carries
+    P's). One pass makes the difference d = s - t in s's dtype (bf16 under autocast: no fp32 copy of either
+    activation), one more sums d^2 in fp32 (each square widened, none rounded to bf16), and backward is one
+    multiply of the saved d. Autograd through (d * d).mean() made and saved more: a second [tokens, width] pass
+    forward, three backward. Not F.mse_loss, which would keep the teacher tensor alive for backward. Memory: d
+    alone is saved, 7 terms x every layer. The reduction runs outside autocast, which would otherwise widen all
+    of d into a temporary fp32 copy first (CUDA's autocast lists the norms as fp32 ops)."""
+
+    @staticmethod
+    def forward(ctx, s, t):
+        d = s - t.to(s.dtype)
+        ctx.save_for_backward(d)
+        ctx.t_dtype = t.dtype
+        with torch.autocast(d.device.type, enabled=False):
+            return torch.linalg.vector_norm(d, dtype=torch.float32).square() / d.numel()
+
+    @staticmethod
+    def backward(ctx, grad):
+        d, = ctx.saved_tensors
+        grad_s = d * (2 * grad / d.numel()).to(d.dtype)
+        return grad_s, (-grad_s).to(ctx.t_dtype) if ctx.needs_input_grad[1] else None
 
 
 def distill_losses(s_logits, t_logits, targets, temperature, kl_reduction="batchmean"):
@@ -38,15 +59,29 @@ def distill_losses(s_logits, t_logits, targets, temperature, kl_reduction="batch
     return kl, lm
 
 
-# Token chunk of the loss head: chunk x vocab elements per [tokens, V] fp32 buffer. CPU: 64 MB, cache-sized
-# work; GPU: 512 MB, 883 tokens at V = 151,936. Measured on an H100 (4,096 tokens, d_S 1200, bf16, forward +
-# backward): 2^24 elements 154 ms / 2.3 GiB above the inputs, 2^26 83 ms / 3.1, 2^27 73 ms / 4.5, 2^28 69 ms / 8.0.
+# The loss head works in two sizes of token chunk, per device. A chunk (HEAD_CHUNK_ELEMENTS / V tokens) is what
+# one matmul covers: large, so the heads (V x d, read once per chunk, four times) are read few times. A block
+# (HEAD_BLOCK_ELEMENTS / V tokens) is what the elementwise work covers, about ten passes over [block, V]: on CPU
+# small enough that those passes run in cache (CPU, V = 49,152, one thread: a block of 16 tokens does each pass
+# 5-20x faster than one of 256, which spills to memory); on GPU the whole chunk (a pass is one kernel launch, the
+# fewer the better). Under torch.compile the block is the chunk as well: inductor fuses the passes itself.
+# GPU chunk, measured on an H100 (4,096 tokens, d_S 1200, bf16, forward + backward): 2^24 elements 154 ms /
+# 2.3 GiB above the inputs, 2^26 83 ms / 3.1, 2^27 73 ms / 4.5, 2^28 69 ms / 8.0 (before blocks existed).
 HEAD_CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 27}
+HEAD_BLOCK_ELEMENTS = {"cpu": 1 << 20}  # a [block, V] fp32 buffer of 4 MB; devices not listed: the chunk
 
 
 def head_chunk(vocab_size: int, device: torch.device) -> int:
     """Tokens per chunk of the loss head (and of evaluation) on this device."""
     return max(1, HEAD_CHUNK_ELEMENTS.get(device.type, HEAD_CHUNK_ELEMENTS["cuda"]) // vocab_size)
+
+
+def head_block(vocab_size: int, device: torch.device) -> int:
+    """Tokens per block of the loss head's elementwise work on this device (see HEAD_BLOCK_ELEMENTS)."""
+    chunk = head_chunk(vocab_size, device)
+    if device.type not in HEAD_BLOCK_ELEMENTS or torch.compiler.is_compiling():
+        return chunk
+    return max(1, min(chunk, HEAD_BLOCK_ELEMENTS[device.type] // vocab_size))
 
 
 def distill_head(h_s, w_s, h_t, w_t, targets, temperature, kl_reduction="batchmean", weights=(1.0, 1.0)):
@@ -59,54 +94,71 @@ def distill_head(h_s, w_s, h_t, w_t, targets, temperature, kl_reduction="batchme
                                   temperature, kl_div, *weights)
 
 
+def logsumexp_from_softmax(x, p):
+    """logsumexp of each row of x given p = softmax(x), from the row's max, where p = exp(max - lse) >= 1/V:
+    two cheap max passes instead of a third exp pass, and no underflow (p elsewhere can be 0)."""
+    return x.amax(-1) - p.amax(-1).log()
+
+
+def head_block_losses(z, t, target, lm_weight, kl_scale, temperature, grad_out):
+    """The head's work on one block of tokens, in fp32: returns the block's sums of L_KL and L_LM (token terms,
+    before kl_div and n_valid) and writes dL/dz into grad_out. z (r, V) student and t (r, V) teacher logits,
+    in the matmuls' dtype (z may be grad_out itself); target (r,) ids, ignored ones clamped to 0; lm_weight (r,)
+    each token's weight in w_lm L_LM (0 if ignored); kl_scale = w_kl / (T kl_div). Three exp passes (the three
+    softmaxes), no log_softmax: L_KL = sum_v p_T (t - z) / T - (lse(t / T) - lse(z / T)) as sum_v p_T = 1."""
+    z = z.float()  # (r, V); a fresh fp32 copy under autocast, z itself in fp32 (then overwritten in place)
+    p_s = torch.softmax(z, -1)  # (r, V) softmax(z)
+    lm = ((logsumexp_from_softmax(z, p_s) - z.gather(1, target[:, None])[:, 0]) * (lm_weight != 0)).sum()
+    z_T = z.div_(temperature)  # (r, V) z / T, in z's buffer
+    q_s = torch.softmax(z_T, -1)  # (r, V) q_S = softmax(z / T)
+    t_T = t.float().div_(temperature)  # (r, V) t / T
+    p_t = torch.softmax(t_T, -1)  # (r, V) p_T
+    lse_gap = logsumexp_from_softmax(t_T, p_t) - logsumexp_from_softmax(z_T, q_s)  # (r,)
+    kl = (torch.linalg.vecdot(p_t, t_T.sub_(z_T)) - lse_gap).sum()  # sum_v p_T (log p_T - log q_S)
+    # dL/dz = kl_scale (q_S - p_T) + lm_weight (softmax(z) - onehot), formed as kl_scale * (...) in q_s's buffer
+    g = q_s.sub_(p_t).addcmul_(p_s, (lm_weight / kl_scale)[:, None])
+    g[torch.arange(len(target), device=g.device), target] -= lm_weight / kl_scale
+    torch.mul(g, kl_scale, out=grad_out)
+    return kl, lm
+
+
 class FusedDistillHead(torch.autograd.Function):
     """L_KL + L_LM, chunk by chunk over tokens. The loss is a scalar, so its gradients with respect to
     the student's hidden states and head are formed in the same pass as the loss and backward only scales
-    them. With z the student's logits, T the temperature, p_T = softmax(t) the teacher's distribution:
+    them. With z the student's logits, T the temperature, p_T = softmax(t / T) the teacher's distribution:
       d L_LM / dz = softmax(z) - onehot(target)      (per valid token, averaged over them)
       d L_KL / dz = (softmax(z / T) - p_T) / T        (divided by kl_div, as the loss)
-    Exact: no approximation is involved. Memory: a chunk holds at most six [chunk, V] fp32 buffers."""
+    Exact: no approximation is involved. The matmuls run in autocast's dtype (the plain computation's logits),
+    each head cast once per call, not once per chunk as autocast would. Memory: two [chunk, V] buffers in the
+    matmuls' dtype (the logits; z's buffer then holds dL/dz), plus four [block, V] fp32 ones."""
 
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, targets, temperature, kl_div, w_kl, w_lm):
-        N, V = targets.numel(), w_s.shape[0]
+        N, V, device = targets.numel(), w_s.shape[0], h_s.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else w_s.dtype
+        hs_all, ws, ht_all, wt = h_s.to(dtype), w_s.to(dtype), h_t.to(dtype), w_t.to(dtype)
         valid = targets != -100
         n_valid = valid.sum().clamp(min=1)
+        lm_weight = valid * (w_lm / n_valid)  # (N,) each token's weight in w_lm L_LM (0 if ignored)
+        kl_scale = w_kl / (temperature * kl_div)
+        targets = targets.clamp(min=0)  # an ignored target (-100) points at id 0, weighted 0
         grad_h = torch.empty_like(h_s, dtype=torch.float32)  # d(loss)/d h_s, filled chunk by chunk
         grad_w = torch.zeros_like(w_s, dtype=torch.float32)  # d(loss)/d w_s, summed over chunks
         kl = h_s.new_zeros((), dtype=torch.float32)
         lm = h_s.new_zeros((), dtype=torch.float32)
-        chunk = head_chunk(V, h_s.device)
-        for i in range(0, N, chunk):
-            hs, ok = h_s[i:i + chunk], valid[i:i + chunk]
-            target = targets[i:i + chunk].clamp(min=0)  # an ignored target (-100) points at id 0, weighted 0
-            rows = torch.arange(len(target), device=hs.device)
-            z = (hs @ w_s.T).float()  # (c, V) student logits
-            t = (h_t[i:i + chunk] @ w_t.T).float() / temperature  # (c, V) teacher logits / T
-
-            # L_LM: cross-entropy, lse(z) - z[target], for valid targets, averaged over them
-            lse = z.logsumexp(-1, keepdim=True)  # (c, 1)
-            z_target = z.gather(1, target[:, None])[:, 0]  # (c,)
-            lm += ((lse[:, 0] - z_target) * ok).sum()
-            lm_weight = ok * w_lm / n_valid  # (c,) each token's weight in w_lm L_LM (0 if ignored)
-            g = (z - lse).exp_()  # (c, V) softmax(z), in the fresh buffer z - lse
-            g *= lm_weight[:, None]
-            g[rows, target] -= lm_weight  # g = d(w_lm L_LM)/dz = (softmax(z) - onehot(target)) * weight
-
-            # L_KL: sum_v p_T (log p_T - log q_S) = sum_v p_T (t - z/T) - lse(t) + lse(z/T)
-            z_T = z / temperature  # (c, V) student logits / T
-            del z  # z_T takes its place: one buffer fewer at the peak below
-            lse_s = z_T.logsumexp(-1, keepdim=True)  # (c, 1)
-            lse_t = t.logsumexp(-1, keepdim=True)  # (c, 1)
-            p_t = (t - lse_t).exp_()  # (c, V) p_T, in the fresh buffer t - lse_t
-            kl += (p_t * (t - z_T)).sum() + (lse_s - lse_t).sum()
-            grad_kl = (z_T - lse_s).exp_()  # (c, V) q_S = softmax(z / T), in the fresh buffer z_T - lse_s
-            grad_kl -= p_t
-            grad_kl *= w_kl / (temperature * kl_div)  # grad_kl = d(w_kl L_KL)/dz = w_kl (q_S - p_T) / (T kl_div)
-            g += grad_kl
-
-            grad_h[i:i + chunk] = g.to(w_s.dtype) @ w_s  # dz/dh_s = w_s
-            grad_w += (g.T.to(hs.dtype) @ hs).float()  # dz/dw_s = h_s
+        chunk, block = head_chunk(V, device), head_block(V, device)
+        with torch.autocast(device.type, enabled=False):  # dtypes are explicit here
+            for i in range(0, N, chunk):
+                hs, c = hs_all[i:i + chunk], slice(i, i + chunk)
+                z = hs @ ws.T  # (c, V) student logits; its buffer receives dL/dz, block by block
+                t = ht_all[c] @ wt.T  # (c, V) teacher logits
+                for j in range(0, len(hs), block):
+                    b = slice(j, j + block)
+                    kl_b, lm_b = head_block_losses(z[b], t[b], targets[c][b], lm_weight[c][b], kl_scale,
+                                                   temperature, grad_out=z[b])
+                    kl, lm = kl + kl_b, lm + lm_b
+                grad_h[c] = z @ ws  # dz/dh_s = w_s
+                grad_w += z.T @ hs  # dz/dw_s = h_s
         lm = lm / n_valid
         kl = kl / kl_div
         ctx.save_for_backward(grad_h, grad_w)

@@ -297,11 +297,13 @@ def test_explicit_alignment_only_for_output_terms_in_use():
 
 
 @pytest.mark.parametrize("kl_reduction", ["batchmean", "token"])
-def test_fused_head_equals_plain_losses(kl_reduction, monkeypatch):
-    """The chunked head gives the plain computation's losses and gradients, over several chunks and with
-    ignored targets, while never building whole [tokens, V] logits."""
+@pytest.mark.parametrize("block", [5, 2])
+def test_fused_head_equals_plain_losses(kl_reduction, block, monkeypatch):
+    """The chunked head gives the plain computation's losses and gradients, over several chunks (and blocks of
+    2 tokens inside them: 2, 2, 1) and with ignored targets, while never building whole [tokens, V] logits."""
     import losses
     monkeypatch.setitem(losses.HEAD_CHUNK_ELEMENTS, "cpu", 5 * 300)  # chunks of 5 tokens: 4 full ones and a short one
+    monkeypatch.setitem(losses.HEAD_BLOCK_ELEMENTS, "cpu", block * 300)
     g = torch.Generator().manual_seed(0)
     B, T, dS, dT, V = 2, 11, 8, 12, 300
     h_s, w_s = torch.randn(B, T, dS, generator=g, requires_grad=True), torch.randn(V, dS, generator=g, requires_grad=True)
@@ -316,6 +318,63 @@ def test_fused_head_equals_plain_losses(kl_reduction, monkeypatch):
     ref = torch.autograd.grad(2.5 * (ref_kl + ref_lm), (h_s, w_s))
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b)
+
+
+def test_fused_head_far_from_the_target():
+    """Logits so spread that softmax(z) at most targets underflows to 0 in fp32 (CE > 104 nats): the head takes
+    logsumexp from the row's max, so L_LM and L_KL stay finite and equal torch's cross_entropy / kl_div."""
+    import losses
+    g = torch.Generator().manual_seed(1)
+    h_s, w_s = 40 * torch.randn(2, 6, 8, generator=g, requires_grad=True), torch.randn(300, 8, generator=g)
+    h_t, w_t = torch.randn(2, 6, 12, generator=g), torch.randn(300, 12, generator=g)
+    tgt = torch.randint(0, 300, (2, 6), generator=g)
+    _, kl, lm = losses.distill_head(h_s, w_s, h_t, w_t, tgt, 2.0)
+    s = (h_s @ w_s.T).flatten(0, 1)
+    assert (s.softmax(-1).gather(1, tgt.flatten()[:, None]) == 0).float().mean() > 0.5  # underflow at most targets
+    torch.testing.assert_close(lm, F.cross_entropy(s, tgt.flatten()))
+    t = (h_t @ w_t.T).flatten(0, 1)
+    want = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="sum") / 2
+    torch.testing.assert_close(kl, want)
+
+
+def test_fused_head_under_bf16_autocast_equals_plain():
+    """Under bf16 autocast the head's matmuls run in bf16 as the plain computation's do (the heads cast once):
+    losses and gradients equal torch's own functions on the autocast logits, to bf16 precision."""
+    import losses
+    g = torch.Generator().manual_seed(2)
+    h_s, w_s = torch.randn(2, 9, 16, generator=g, requires_grad=True), torch.randn(300, 16, generator=g, requires_grad=True)
+    h_t, w_t = torch.randn(2, 9, 24, generator=g).bfloat16(), (0.3 * torch.randn(300, 24, generator=g)).bfloat16()
+    tgt = torch.randint(0, 300, (2, 9), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, kl, lm = losses.distill_head(h_s, w_s, h_t, w_t, tgt, 4.0)
+        ref_kl, ref_lm = losses.distill_losses(h_s @ w_s.T, h_t @ w_t.T, tgt, 4.0)
+    torch.testing.assert_close(kl, ref_kl, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(lm, ref_lm, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(loss, (h_s, w_s))
+    ref = torch.autograd.grad(ref_kl + ref_lm, (h_s, w_s))
+    for a, b in zip(grads, ref):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mse_equals_torch_mse_loss(dtype):
+    """losses.mse: the mean square of the difference taken in the inputs' dtype (bf16 rounds it once; no square
+    is rounded: the reference sums them in fp64), and gradients to both sides (an LRC target t_acts @ P carries
+    P's) as F.mse_loss gives them, in the inputs' dtypes."""
+    import losses
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(3, 5, 7, generator=g).to(dtype).requires_grad_()
+    t = torch.randn(3, 5, 7, generator=g).to(dtype).requires_grad_()
+    val = losses.mse(s, t)
+    assert val.dtype == torch.float32
+    d = (s - t).detach().double()  # in bf16, rounded once
+    torch.testing.assert_close(val.double(), d.square().mean(), rtol=1e-6, atol=0)
+    grads = torch.autograd.grad(3.0 * val, (s, t))
+    ref = torch.autograd.grad(3.0 * F.mse_loss(s.float(), t.float()), (s, t))
+    for a, b in zip(grads, ref):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b.to(dtype))
 
 
 def test_bf16_teacher_student_materialises():
