@@ -431,9 +431,9 @@ def bench_official(argv):
     train.check_config(cfg)
     train.resolve_batch(cfg, 1)
     names = [v for v in cfg["variants"].split(",") if v] or ["fp32+eager", "bf16+eager", "bf16+compile"]
-    variants = [variant_config(cfg, name) for name in names]
     teacher = cfg["teacher"] or demo.convert_teacher()
     work = {**cfg, "teacher": teacher, "stages": False}
+    variants = [variant_config(work, name) for name in names]
     print(f"official vs nanoLRC | teacher {teacher} | d_student {cfg['d_student']} | alpha {cfg['alpha']} | "
           f"T {cfg['temperature']} | {cfg['kl_reduction']} | {cfg['grad_accum']} x {cfg['batch_size']}x"
           f"{cfg['block_size']} tokens | median of {cfg['iters']} steps after {cfg['warmup']} per process")
