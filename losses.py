@@ -13,6 +13,8 @@ The losses of LRC (paper Sec. 4.2.2-4.2.3) as plain functions of tensors; lrc.py
 
 Both give the same numbers (tests/test_lrc.py::test_fused_head_equals_plain_losses).
 """
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -62,9 +64,10 @@ def distill_losses(s_logits, t_logits, targets, temperature, kl_reduction="batch
 # The loss head works in two sizes of token chunk, per device. A chunk (HEAD_CHUNK_ELEMENTS / V tokens) is what
 # one matmul covers: large, so the heads (V x d, read once per chunk, four times) are read few times. A block
 # (HEAD_BLOCK_ELEMENTS / V tokens) is what the elementwise work covers, about ten passes over [block, V]: on CPU
-# small enough that those passes run in cache (CPU, V = 49,152, one thread: a block of 16 tokens does each pass
-# 5-20x faster than one of 256, which spills to memory); on GPU the whole chunk (a pass is one kernel launch, the
-# fewer the better). Under torch.compile the block is the chunk as well: inductor fuses the passes itself.
+# small enough that those passes run in cache (V = 49,152, 2 threads: an exp pass over 16 tokens 0.32 ns per
+# element, over 256 tokens, which spill to memory, 2.3 ns), on one thread (one_thread); on GPU the whole chunk (a
+# pass is one kernel launch, the fewer the better). Under torch.compile the block is the chunk as well: inductor
+# fuses the passes itself (one graph, no break, for the head).
 # GPU chunk, measured on an H100 (4,096 tokens, d_S 1200, bf16, forward + backward): 2^24 elements 154 ms /
 # 2.3 GiB above the inputs, 2^26 83 ms / 3.1, 2^27 73 ms / 4.5, 2^28 69 ms / 8.0 (before blocks existed).
 HEAD_CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 27}
@@ -82,6 +85,22 @@ def head_block(vocab_size: int, device: torch.device) -> int:
     if device.type not in HEAD_BLOCK_ELEMENTS or torch.compiler.is_compiling():
         return chunk
     return max(1, min(chunk, HEAD_BLOCK_ELEMENTS[device.type] // vocab_size))
+
+
+@contextmanager
+def one_thread(enabled=True):
+    """CPU blocks run their elementwise passes on one thread: a pass over a cache-sized block is too short to
+    split, and each split op waits at a barrier for every thread. On 2 cores shared with other processes (load
+    ~9), bf16, the issue-18 head: blocks on one thread 5.7-6.7 s (1.7-1.8 CPU s) against 13-32 s (4.3-10.6 CPU s)
+    split over 2 threads; the matmuls keep every thread."""
+    threads = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.set_num_threads(threads)
 
 
 def distill_head(h_s, w_s, h_t, w_t, targets, temperature, kl_reduction="batchmean", weights=(1.0, 1.0)):
@@ -152,11 +171,12 @@ class FusedDistillHead(torch.autograd.Function):
                 hs, c = hs_all[i:i + chunk], slice(i, i + chunk)
                 z = hs @ ws.T  # (c, V) student logits; its buffer receives dL/dz, block by block
                 t = ht_all[c] @ wt.T  # (c, V) teacher logits
-                for j in range(0, len(hs), block):
-                    b = slice(j, j + block)
-                    kl_b, lm_b = head_block_losses(z[b], t[b], targets[c][b], lm_weight[c][b], kl_scale,
-                                                   temperature, grad_out=z[b])
-                    kl, lm = kl + kl_b, lm + lm_b
+                with one_thread(block < chunk):  # CPU blocks (on GPU and under compile a block is the chunk)
+                    for j in range(0, len(hs), block):
+                        b = slice(j, j + block)
+                        kl_b, lm_b = head_block_losses(z[b], t[b], targets[c][b], lm_weight[c][b], kl_scale,
+                                                       temperature, grad_out=z[b])
+                        kl, lm = kl + kl_b, lm + lm_b
                 grad_h[c] = z @ ws  # dz/dh_s = w_s
                 grad_w += z.T @ hs  # dz/dw_s = h_s
         lm = lm / n_valid

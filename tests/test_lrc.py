@@ -310,7 +310,9 @@ def test_fused_head_equals_plain_losses(kl_reduction, block, monkeypatch):
     h_t, w_t = torch.randn(B, T, dT, generator=g), torch.randn(V, dT, generator=g)
     tgt = torch.randint(0, V, (B, T), generator=g)
     tgt[0, 3] = tgt[1, 7] = -100
+    threads = torch.get_num_threads()
     loss, kl, lm = losses.distill_head(h_s, w_s, h_t, w_t, tgt, 3.0, kl_reduction)
+    assert torch.get_num_threads() == threads  # the blocks' one thread is given back
     ref_kl, ref_lm = losses.distill_losses(h_s @ w_s.T, h_t @ w_t.T, tgt, 3.0, kl_reduction)
     torch.testing.assert_close(kl, ref_kl)
     torch.testing.assert_close(lm, ref_lm)
