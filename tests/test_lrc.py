@@ -344,7 +344,8 @@ def test_fused_head_under_bf16_autocast_equals_plain():
     losses and gradients equal torch's own functions on the autocast logits, to bf16 precision."""
     import losses
     g = torch.Generator().manual_seed(2)
-    h_s, w_s = torch.randn(2, 9, 16, generator=g, requires_grad=True), torch.randn(300, 16, generator=g, requires_grad=True)
+    h_s = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+    w_s = torch.randn(300, 16, generator=g, requires_grad=True)
     h_t, w_t = torch.randn(2, 9, 24, generator=g).bfloat16(), (0.3 * torch.randn(300, 24, generator=g)).bfloat16()
     tgt = torch.randint(0, 300, (2, 9), generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
