@@ -252,6 +252,10 @@ def prepare_corpus(tokenizer, samples=None, out_dir=None):
     return out_dir
 
 
+PROMPTS = ("And it came to pass, when the king", "The capital of France is", "To make a cup of tea, you",
+           "The best way to learn a new language is")
+
+
 def complete(model, tokenizer, prompt, n=24):
     import torch
     idx = torch.tensor([tokenizer.encode(prompt)])
@@ -259,7 +263,8 @@ def complete(model, tokenizer, prompt, n=24):
 
 
 def report(cfg, model, t0):
-    """What the run did, from its metrics.jsonl and one prompt completed by teacher and student."""
+    """What the run did, from its metrics.jsonl; the student beside the teacher on held-out text; a few prompts
+    completed greedily by both."""
     from tokenizer import load_tokenizer
     with open(os.path.join(cfg["out_dir"], "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -267,7 +272,7 @@ def report(cfg, model, t0):
     first, last = evals[0], evals[-1]
     speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     tokenizer = load_tokenizer(cfg["teacher"])
-    prompt = "And it came to pass, when the king"
+    student = model.student()
     print("\n=== nanoLRC demo report ===")
     print(f"teacher {os.path.basename(cfg['teacher'])} (d={model.teacher.config.hidden_size}) -> student "
           f"d={cfg['d_student']}, {sum(p.numel() for p in model.parameters()):,} trainable parameters")
@@ -278,9 +283,17 @@ def report(cfg, model, t0):
     print(f"tokens seen: {last['tokens']:,}; training speed "
           f"{f'{sum(speeds) / len(speeds):,.0f} tokens/s' if speeds else 'n/a (no full log interval)'}; "
           f"wall time {(time.time() - t0) / 60:.1f} min")
-    print(f"prompt: {prompt!r}")
-    print(f"  teacher: {complete(model.teacher, tokenizer, prompt)!r}")
-    print(f"  student: {complete(model.student(), tokenizer, prompt)!r}")
+    held_out = os.path.join(os.path.dirname(os.__file__), "LICENSE.txt")  # in every Python install; never trained on
+    if os.path.isfile(held_out):
+        from eval import text_metrics
+        with open(held_out, encoding="utf-8") as f:
+            m = text_metrics(student, model.teacher, tokenizer, f.read())
+        print(f"held-out text (Python's LICENSE.txt, {m['tokens']:,} tokens): student loss {m['student_loss']:.3f}, "
+              f"teacher {m['teacher_loss']:.3f}, KL {m['kl']:.3f}, top-1 agreement {m['agreement']:.1%}")
+    for prompt in PROMPTS:
+        print(f"prompt: {prompt!r}")
+        print(f"  teacher: {complete(model.teacher, tokenizer, prompt)!r}")
+        print(f"  student: {complete(student, tokenizer, prompt)!r}")
     print(f"student exported to {os.path.join(cfg['out_dir'], 'student')}; try: python sample.py")
 
 
