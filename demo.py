@@ -308,8 +308,10 @@ def main(argv):
     train.preflight(cfg)
     teacher = cfg["teacher"] or convert_teacher()
     print(f"teacher: {teacher}")
-    tokenizer = load_tokenizer(teacher)
-    data_dir = cfg["data_dir"] or prepare_corpus(tokenizer, teacher_text(teacher, tokenizer))
+    data_dir = cfg["data_dir"]
+    if not data_dir:  # a given data_dir is checked by train.py, with the teacher
+        tokenizer = load_tokenizer(teacher)
+        data_dir = prepare_corpus(tokenizer, teacher_text(teacher, tokenizer))
     print(f"data: {data_dir}")
     cfg = {**cfg, "teacher": teacher, "data_dir": data_dir}
     model = train.train(cfg)
