@@ -365,7 +365,9 @@ class LowRankClone(nn.Module):
                 P_in = ridge_fit(n_s, n_t, ridge=1e-6)  # (d_S, d_T): n_T ~ n_S @ P_in
                 o_t, o_s = run(module, n_t, *args), run(module, n_s @ P_in.float(), *args)  # outputs, (N, T, d_T)
                 h_t = h_t + o_t
-                P_out = ridge_fit(o_s, h_t.double() @ U - h_s.double(), h_t.double().square().mean(-1).reciprocal(), ridge)
+                h = h_t.double()
+                target, weight = h @ U - h_s, h.square().mean(-1).reciprocal()  # each token as the next norm sees it
+                P_out = ridge_fit(o_s, target, weight, ridge)
                 h_s = h_s + o_s @ P_out.float()
                 for m in ins:
                     P[m].copy_(P_in.T)
