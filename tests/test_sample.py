@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -197,3 +198,17 @@ def test_embedding_rows_beyond_the_tokenizer_are_never_sampled(tiny_tok):
         new = sample.stream(model, tiny_tok, [tiny_tok.eos_id], {tiny_tok.eos_id}, cfg(temperature=temperature),
                             torch.Generator().manual_seed(0), out=io.StringIO())
         assert new and max(new) < V
+
+
+def test_sampling_draws_tokens_with_the_softmax_probabilities():
+    from model import sample_next
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -30.0])
+    p = np.exp(logits.numpy() - logits.numpy().max())
+    p /= p.sum()  # the reference distribution, computed apart from torch
+    n = 20000
+    draws = sample_next(logits.expand(n, -1), temperature=1.0, generator=torch.Generator().manual_seed(0))
+    freq = np.bincount(draws.numpy(), minlength=6) / n
+    assert np.all(np.abs(freq - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1e-3), (freq, p)
+    top3 = sample_next(logits.expand(n, -1), temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))
+    freq3 = np.bincount(top3.numpy(), minlength=6) / n
+    assert freq3[3:].sum() == 0 and np.all(np.abs(freq3[:3] - p[:3] / p[:3].sum()) < 0.02)
