@@ -84,6 +84,12 @@ def load_checked(path, device, dtype):
     if tok.vocab_size > V:
         raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model only {V} embedding rows: "
                          "the tokenizer does not belong to this model")
+    cfg = model.config
+    for name, ids in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id)):
+        wrong = sorted((set(ids) if isinstance(ids, list) else {ids} - {None}) - tok.special_ids)
+        if wrong:  # e.g. a tokenizer.json of another model with the same vocabulary size
+            raise ValueError(f"{path}: the model's {name} {wrong[0]} is not a special token of its tokenizer "
+                             f"({tok.decode([wrong[0]])!r}): the tokenizer does not belong to this model")
     return model, tok, eos
 
 

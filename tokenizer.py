@@ -63,6 +63,7 @@ class Tokenizer:
         self.bos, self.eos = bos, eos
         self.bos_id = specials[bos] if bos is not None else None
         self.eos_id = specials[eos]
+        self.special_ids = set(specials.values())
         self.chat_format, self._chat = _chat_format(chat_template or "", specials)
         # data prepared with one tokenizer is garbage for another: tag prepared data with this hash
         h = hashlib.sha256(f"{pattern}\0{nfc}\0".encode())

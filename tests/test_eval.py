@@ -185,8 +185,13 @@ def test_bad_inputs_are_one_line_errors(hf_dir, task_dir, tmp_path, capsys):
     m.config.vocab_size = 200
     m.lm_head.weight = m.embed_tokens.weight
     m.save_pretrained(str(small))
+    foreign = tmp_path / "foreign_tokenizer"  # same vocabulary size, but the model's EOS id is an ordinary token
+    shutil.copytree(hf_dir, foreign)
+    cfg = json.loads((foreign / "config.json").read_text())
+    (foreign / "config.json").write_text(json.dumps({**cfg, "eos_token_id": 7}))
     inc = f"--include_path={task_dir}"
     cases = [
+        ([f"--model={foreign}", "--tasks=tiny_mc", inc], "is not a special token of its tokenizer"),
         ([f"--model={no_weights}", "--tasks=tiny_mc", inc], "no model.safetensors"),
         ([f"--model={small}", "--tasks=tiny_mc", inc], "the tokenizer does not belong to this model"),
         ([f"--model={hf_dir}", "--tasks=tiny_long", inc], "but the model's context is 128 tokens"),
