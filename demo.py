@@ -9,9 +9,10 @@ The nanoLRC demo: distil a real teacher on a CPU, from assets that come from the
 
 1. turn the GGUF teacher into an ordinary HF model directory (config.json, model.safetensors, tokenizer.json,
    tokenizer_config.json, generation_config.json) that model.py, tokenizer.py and transformers all load;
-2. have the teacher write 256 texts of 256 tokens from everyday openings (teacher_text; ~4 minutes, cached) and
-   tokenise them beside the first 300k tokens of the King James Bible (public domain; one document per chapter,
-   verse numbers stripped), holding out 3% of the documents for validation;
+2. have the teacher write 768 texts of 248 tokens from everyday openings (teacher_text; ~4 minutes, cached) and
+   tokenise them beside the first 100k tokens of the King James Bible (public domain; one document per chapter,
+   verse numbers stripped), holding out 3% of the documents for validation: two thirds of what the student
+   trains on is the teacher's own general English;
 3. run LRC with config/lrc_demo.py for a bounded wall time, export the student to out/demo/student;
 4. print a report: val loss at step 0 and at the end, the teacher's, agreement, tokens, tokens/s, student and
    teacher on held-out text (Python's LICENSE.txt), and four prompts completed by both.
@@ -186,7 +187,7 @@ def kjv_text():
     return "\n\n".join(" ".join(verses) for verses in chapters.values())
 
 
-KJV_TOKENS = 300_000  # the first books of the King James Bible, beside the teacher's text
+KJV_TOKENS = 100_000  # the first books of the King James Bible, beside the teacher's text
 # The teacher writes general English: sampled at temperature 1 (its own distribution) from openings built of these.
 TOPICS = ("the weather", "a small town", "the ocean", "bread", "a bicycle", "the moon", "a cat", "music", "a library",
           "the train station", "coffee", "a garden", "mathematics", "the human heart", "a river", "computers",
@@ -206,9 +207,10 @@ OPENINGS = ("The {} is", "Here is what I know about {}:", "Q: What is {}?\nA:", 
             "Chapter 1\n\nIt was", "Instructions:", "I have always wondered why")
 
 
-def teacher_text(teacher_dir, tokenizer, rows=256, new_tokens=256, batch=32, seed=0):
+def teacher_text(teacher_dir, tokenizer, rows=768, new_tokens=248, batch=128, seed=0):
     """rows x new_tokens tokens the teacher writes from everyday openings, as JSONL {"text"} (cached). Sequence-level
-    KD's data: general English at no licence cost, from the one asset the demo already has."""
+    KD's data: general English at no licence cost, from the one asset the demo already has. Batches of 128 rows and
+    prompt + new_tokens within 256 positions (the smallest static KV cache) make it ~3x faster than batches of 32."""
     import random
     import torch
     from model import Transformer
@@ -238,7 +240,8 @@ def prepare_corpus(tokenizer, samples=None, out_dir=None):
     """Tokenised KJV in out_dir (cached: reused when made with this tokenizer); with samples (teacher_text), its
     first KJV_TOKENS beside the teacher's text."""
     from data import prepare  # imported here: the conversion above must not need torch
-    name = "kjv-" + tokenizer.fingerprint[:12] if samples is None else "kjv+" + os.path.basename(samples)[:-6]
+    name = ("kjv-" + tokenizer.fingerprint[:12] if samples is None else
+            f"kjv{KJV_TOKENS // 1000}k+" + os.path.basename(samples)[:-6])
     out_dir = out_dir or cache_dir("data-" + name)
     if os.path.isfile(os.path.join(out_dir, "meta.json")):
         return out_dir
