@@ -221,7 +221,7 @@ def bench_model(o):
 def without_pca(cfg):
     """cfg with init "normal" in place of "pca" and "clone", which need training data: time and memory do not depend on
     where the projections start."""
-    return {**cfg, "init": "normal" if cfg["init"] in ("pca", "clone") else cfg["init"]}
+    return {**cfg, "init": "normal" if cfg["init"] in lrc.CALIBRATED_INITS else cfg["init"]}
 
 
 def variant_config(cfg, name):

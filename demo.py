@@ -210,7 +210,7 @@ OPENINGS = ("The {} is", "Here is what I know about {}:", "Q: What is {}?\nA:", 
 def teacher_text(teacher_dir, tokenizer, rows=768, new_tokens=248, batch=128, seed=0):
     """rows x new_tokens tokens the teacher writes from everyday openings, as JSONL {"text"} (cached). Sequence-level
     KD's data: general English at no licence cost, from the one asset the demo already has. Batches of 128 rows and
-    prompt + new_tokens within 256 positions (the smallest static KV cache) make it ~3x faster than batches of 32."""
+    prompt + new_tokens within 256 positions (the smallest static KV cache) make it ~2.6x faster than batches of 32."""
     import random
     import torch
     from model import Transformer

@@ -46,6 +46,7 @@ OUTPUT_SIDE = {"o": "self_attn.o_proj", "down": "mlp.down_proj"}
 CLONE_TERMS = ("q", "k", "v", "gate", "up", "attn_out", "ffn_out")
 OUTPUT_TERMS = {"attn_out": "o", "ffn_out": "down"}  # which projection maps the teacher's output down
 INITS = ("normal", "identity", "pca", "clone", None)  # see init_projections; None: left uninitialised, for loaded weights
+CALIBRATED_INITS = ("pca", "clone")  # the inits that read calibration tokens (train windows)
 
 
 class LowRankClone(nn.Module):
@@ -261,7 +262,7 @@ class LowRankClone(nn.Module):
 
     # -- Initialisations: where the projections (and norms) start -----------------------------------
     # Not a step of the paper, which starts every P ~ N(0, 0.02) (init_normal). To add one: write
-    # init_<name>(self, std, calibration) below and add <name> to INITS.
+    # init_<name>(self, std, calibration) below and add <name> to INITS (and to CALIBRATED_INITS if it reads data).
     @torch.no_grad()
     def init_projections(self, init="normal", std=0.02, calibration=None):
         """Start the projections (and norms) with init_<init>; std and calibration go to those that use them."""

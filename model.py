@@ -150,6 +150,11 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def attention_probs(q, k, mask, scale):
+    """softmax(q k^T * scale) in fp32 over the key slots mask allows: (..., T, hs), (..., S, hs) -> (..., T, S)."""
+    return ((q @ k.transpose(-2, -1)) * scale).float().masked_fill(~mask, float("-inf")).softmax(-1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -195,8 +200,7 @@ class Attention(nn.Module):
         if T == 1 and acts is None:  # one new token: each kv head's query heads as rows, no copy of the cache
             q = q.reshape(B, self.nkv, rep, self.hs)
             if B > 1 and mask is not None:  # two matmuls: SDPA's CPU kernel is 2x slower for many rows of one query
-                att = (q @ k.transpose(-2, -1)).float() * self.hs ** -0.5  # (B, nkv, rep, S)
-                y = att.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
+                y = attention_probs(q, k, mask, self.hs ** -0.5).to(v.dtype) @ v  # probs (B, nkv, rep, S)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             return self.o_proj(y.reshape(B, 1, self.nh * self.hs))  # (B, nkv, rep, hs) -> (B, 1, nh*hs)
@@ -205,8 +209,7 @@ class Attention(nn.Module):
         if mask is None and (S != T or acts is not None and "attn_probs" in acts):
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # t sees S-T+t
         if acts is not None and "attn_probs" in acts:  # asked for (TinyBERT): the probabilities, written out
-            att = (q @ k.transpose(-2, -1)) * self.hs ** -0.5  # (B, nh, T, S)
-            acts["attn_probs"] = att.float().masked_fill(~mask, float("-inf")).softmax(-1)  # (B, nh, T, S)
+            acts["attn_probs"] = attention_probs(q, k, mask, self.hs ** -0.5)  # (B, nh, T, S)
             y = acts["attn_probs"].to(v.dtype) @ v  # (B, nh, T, hs)
         elif mask is None:  # a full prefill is plain causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)

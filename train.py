@@ -32,7 +32,7 @@ from configurator import (AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, ConfigEr
                           configure_or_exit, run_or_exit)
 from data import Batches, check_compatible
 from losses import head_chunk
-from lrc import CLONE_TERMS, LowRankClone
+from lrc import CALIBRATED_INITS, CLONE_TERMS, LowRankClone
 from model import ModelConfig, RMSNorm, Transformer, read_json
 from tokenizer import load_tokenizer
 
@@ -470,7 +470,7 @@ def train(cfg):
     check_compatible(cfg["data_dir"], tokenizer, cfg["block_size"])
     batches = Batches(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], seed=cfg["seed"], rank=rank,
                       world_size=world, device=device, sampling=cfg["sampling"], grad_accum=cfg["grad_accum"])
-    calibrate = cfg["method"] == "lrc" and cfg["init"] in ("pca", "clone") and not cfg["resume"]  # resume: from ckpt.pt
+    calibrate = cfg["method"] == "lrc" and cfg["init"] in CALIBRATED_INITS and not cfg["resume"]  # resume: from ckpt.pt
     model = build_model(cfg, device, dtype, calibration_tokens(cfg, device) if calibrate else None, load=cfg["resume"])
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
