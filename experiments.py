@@ -1,15 +1,19 @@
 """
-Small-scale experiments on the CPU demo teacher (SmolLM2-135M-Instruct) and corpus (KJV), one run at a time:
+Small-scale experiments on the CPU demo's teacher (SmolLM2-135M-Instruct) and corpus (the teacher's own text and
+the KJV, as python demo.py builds it), one run at a time:
 
     python experiments.py baselines      # LRC, its ablations, vanilla KD, TinyBERT, LM-only at equal size and tokens
     python experiments.py efficiency     # the paper's LRC recipe against the distillation-efficiency options
     python experiments.py efficiency --tokens=200000 --only="paper,scale-free clone"
     python experiments.py efficiency --minutes=12.5 --only="paper,demo recipe"   # the demo's budget per run
+    python experiments.py comparison --seeds=3   # the paper's comparisons from the teacher's weights, mean ± std
 
 Each run is `python train.py config/lrc_demo.py <overrides>` into out/experiments/<set>/<run>. The script then
 evaluates every exported student on the demo val split and on held-out text it never trained on (Debian's
 /usr/share/common-licenses), and writes results/<set>.md (a table) and results/<set>.png (val loss against
-tokens; needs matplotlib, an optional extra). Runs already finished are reused: delete their dir to redo one.
+tokens; needs matplotlib, an optional extra). With --seeds=N every run is repeated with seeds 1337, 1338, ...
+(data order and calibration windows; <run>-seed<k> beside <run>), and the table and the plot give mean ± std.
+Runs already finished are reused: delete their dir to redo one.
 """
 import argparse
 import glob
@@ -42,8 +46,8 @@ PCA = ["--init=pca", "--lr=1e-5", "--clone_norm=target", "--clone_skip=0", "--te
        "--norm_lr_mult=1.0"]
 # the baselines were run with the demo's recipe before init 'pca': random start, lr 1e-3, scale-free clone
 RANDOM_START = [*RANDOM, "--alpha=0.5", "--temperature=40.0", "--kl_reduction=batchmean", "--clone_norm=target"]
-# init 'pca''s step-0 student, exported (pca_student): the same start for KD of all its weights
-PCA_STUDENT = os.path.join("out", "experiments", "pca_student")
+# --init_from=start:INIT: LRC's step-0 student of that init, exported (start_student), to train all its weights
+START = "start:"
 SETS = {
     "baselines": {
         "LRC": RANDOM_START,
@@ -70,19 +74,30 @@ SETS = {
         "pca init w/o clone + lr 3e-5": [*PCA, "--alpha=0", "--lr=3e-5", "--warmup_ratio=0.1"],
         "pca init + lr 3e-5": [*PCA, "--alpha=0.5", "--lr=3e-5", "--warmup_ratio=0.1"],
         "pca init w/o clone + lr 1e-4": [*PCA, "--alpha=0", "--lr=1e-4", "--warmup_ratio=0.1"],
-        "KD of the pca student + lr 3e-5": ["--method=kd", f"--init_from={PCA_STUDENT}", *PCA, "--alpha_kl=0.5",
+        "KD of the pca student + lr 3e-5": ["--method=kd", f"--init_from={START}pca", *PCA, "--alpha_kl=0.5",
                                             "--lr=3e-5", "--warmup_ratio=0.1"],
         "demo recipe": [],
+    },
+    # the paper's comparisons (Sec. 5) at equal tokens, every student but TinyBERT's starting from the teacher's
+    # weights, with the demo's recipe (clone init on 32 train windows, KL at T=1 per token + LM, lr 3e-5)
+    "comparison": {
+        "LRC": ["--alpha=0.02"],  # clone loss on, each term / its target's mean square
+        "LRC w/o clone loss": [],  # the demo recipe
+        "Vanilla KD of LRC's start": ["--method=kd", f"--init_from={START}clone", "--alpha_kl=0.5"],
+        "Minitron-style prune + KD": ["--method=kd", f"--init_from={START}prune", "--alpha_kl=0.5"],
+        "TinyBERT": ["--method=tinybert", *RANDOM_START],
     },
 }
 
 
-def pca_student(teacher, teacher_dir, data_dir):
-    """Export the student of init 'pca' at step 0 (train.py's calibration windows) to PCA_STUDENT, once."""
-    if not os.path.isdir(PCA_STUDENT):
-        cfg = {**DEFAULTS, "data_dir": data_dir, "batch_size": 8, "block_size": 256}
-        LowRankClone(teacher, 288, init="pca", calibration=calibration_tokens(cfg, "cpu")).export(
-            PCA_STUDENT, tokenizer_dir=teacher_dir)
+def start_student(init, seed, teacher, teacher_dir, data_dir):
+    """LRC's student of init at step 0 (train.py's calibration windows for seed), exported once; its dir."""
+    out = os.path.join("out", "experiments", "starts", f"{init}-seed{seed}")
+    if not os.path.isdir(out):
+        cfg = {**DEFAULTS, "data_dir": data_dir, "batch_size": 8, "block_size": 256, "seed": seed}
+        LowRankClone(teacher, 288, init=init, calibration=calibration_tokens(cfg, "cpu")).export(
+            out, tokenizer_dir=teacher_dir)
+    return out
 
 
 def held_out_data(tokenizer):
@@ -100,7 +115,7 @@ def held_out_data(tokenizer):
     return out
 
 
-def run(name, overrides, out_dir, teacher, data_dir, tokens, minutes):
+def run(name, overrides, out_dir, teacher, data_dir, tokens, minutes, seed):
     if minutes:  # the demo's budget: its steps, compiled, stopped by wall time
         budget = [f"--max_minutes={minutes}"]
     else:  # equal tokens, eager: no compile time
@@ -109,7 +124,8 @@ def run(name, overrides, out_dir, teacher, data_dir, tokens, minutes):
                   f"--ckpt_interval={steps}", "--compile=False", "--warmup_ratio=0.02"]
     files = [o for o in overrides if o.endswith(".py")]  # config files first: the flags below must win
     args = [sys.executable, "train.py", "config/lrc_demo.py", *files, f"--teacher={teacher}",
-            f"--data_dir={data_dir}", f"--out_dir={out_dir}", *budget, *(o for o in overrides if not o.endswith(".py"))]
+            f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--seed={seed}", *budget,
+            *(o for o in overrides if not o.endswith(".py"))]
     if os.path.isdir(os.path.join(out_dir, "student")):
         return
     if os.path.exists(os.path.join(out_dir, "ckpt.pt")):  # a run that failed or was stopped: go on from it
@@ -147,18 +163,42 @@ def summarise(name, out_dir, teacher, held_out):
             "loss_spikes": spikes, "curve": [(r["tokens"], r["val_loss"]) for r in evals]}
 
 
+METRICS = ("val_loss_0", "val_loss", "val_kl", "agreement", "held_loss", "held_kl", "held_agreement")
+
+
+def combine(rows):
+    """One row for a run's seeds: each metric as (mean, std over seeds; 0 for one seed), and the val curves'
+    mean and std at each eval."""
+    def stats(xs):
+        t = torch.tensor(xs, dtype=torch.float64)
+        return t.mean().item(), (t.std().item() if len(xs) > 1 else 0.0)
+    tokens = [t for t, _ in rows[0]["curve"]]
+    curves = [[v for _, v in r["curve"]] for r in rows]
+    return {**rows[0], **{k: stats([r[k] for r in rows]) for k in METRICS},
+            "wall_min": sum(r["wall_min"] for r in rows) / len(rows), "seeds": len(rows),
+            "loss_spikes": sum(r["loss_spikes"] for r in rows),
+            "curve": [(t, *stats(list(v))) for t, v in zip(tokens, zip(*curves))]}
+
+
 def write_results(set_name, rows, command):
     os.makedirs("results", exist_ok=True)
+    seeds = rows[0]["seeds"]
+
+    def cell(r, k, fmt):
+        mean, std = r[k]
+        return format(mean, fmt) + (f" ± {format(std, fmt)}" if seeds > 1 else "")
     lines = [f"Regenerate: `{command}`", "",
              "| run | tokens | wall (min) | val loss step 0 → end | KL | top-1 agreement | held-out loss | "
              "held-out KL | held-out agreement | loss spikes >10× median |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['tokens']:,} | {r['wall_min']:.1f} | {r['val_loss_0']:.2f} → "
-                     f"{r['val_loss']:.2f} | {r['val_kl']:.2f} | {r['agreement']:.1%} | {r['held_loss']:.2f} | "
-                     f"{r['held_kl']:.2f} | {r['held_agreement']:.1%} | {r['loss_spikes']} |")
-    lines += ["", f"Teacher: val loss {rows[0]['teacher_val_loss']:.2f} (KJV), {rows[0]['teacher_held_loss']:.2f} "
-              "(held-out licence texts). KL is per token at T=1, teacher ‖ student."]
+        lines.append(f"| {r['run']} | {r['tokens']:,} | {r['wall_min']:.1f} | {cell(r, 'val_loss_0', '.2f')} → "
+                     f"{cell(r, 'val_loss', '.2f')} | {cell(r, 'val_kl', '.2f')} | {cell(r, 'agreement', '.1%')} | "
+                     f"{cell(r, 'held_loss', '.2f')} | {cell(r, 'held_kl', '.2f')} | "
+                     f"{cell(r, 'held_agreement', '.1%')} | {r['loss_spikes']} |")
+    lines += ["", f"Teacher: val loss {rows[0]['teacher_val_loss']:.2f} (the demo corpus's val split), "
+              f"{rows[0]['teacher_held_loss']:.2f} (held-out licence texts). KL is per token at T=1, teacher ‖ "
+              "student." + (f" Mean ± std over {seeds} seeds; wall time per run." if seeds > 1 else "")]
     with open(f"results/{set_name}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(f"results/{set_name}.json", "w") as f:
@@ -173,9 +213,14 @@ def write_results(set_name, rows, command):
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        ax.plot(*zip(*r["curve"]), marker="o", ms=3, label=r["run"])
+        tokens, mean, std = zip(*r["curve"])
+        line, = ax.plot(tokens, mean, marker="o", ms=3, label=r["run"])
+        if seeds > 1:
+            ax.fill_between(tokens, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=line.get_color(), alpha=0.2)
     ax.axhline(rows[0]["teacher_val_loss"], color="gray", ls="--", label="teacher")
-    ax.set(xlabel="training tokens", ylabel="val loss (KJV)", title=f"nanoLRC {set_name} (SmolLM2-135M teacher)")
+    ax.set(xlabel="training tokens", ylabel="val loss" + (f" (mean ± std, {seeds} seeds)" if seeds > 1 else ""),
+           title=f"nanoLRC {set_name} (SmolLM2-135M teacher)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(f"results/{set_name}.png", dpi=110)
@@ -188,29 +233,36 @@ def main():
     p.add_argument("--minutes", type=float, default=0, help="> 0: instead of --tokens, the demo's recipe with this "
                    "wall-time bound per run (compiled, as python demo.py runs); results/<set>-<minutes>min.md")
     p.add_argument("--only", default="", help="comma-separated run names (default: all of the set)")
+    p.add_argument("--seeds", type=int, default=1, help="runs per run name, with seeds 1337, 1338, ...")
     args = p.parse_args()
     if args.tokens < 8 * 256 and not args.minutes:  # run() trains tokens // (8 * 256) steps
         raise ValueError(f"--tokens={args.tokens}: at least 2048 (one step of 8 x 256 tokens)")
     if args.minutes < 0:
         raise ValueError(f"--minutes={args.minutes}: must be >= 0 (0: --tokens sets the budget)")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds={args.seeds}: at least 1")
     unknown = [n for n in args.only.split(",") if n and n not in SETS[args.set]]
     if unknown:
         raise ValueError(f"--only: no run named {unknown[0]!r} in the set {args.set!r}; "
                          f"its runs: {list(SETS[args.set])}")
     teacher_dir = demo.convert_teacher()
     tokenizer = load_tokenizer(teacher_dir)
-    data_dir = demo.prepare_corpus(tokenizer)
+    data_dir = demo.prepare_corpus(tokenizer, demo.teacher_text(teacher_dir, tokenizer))  # python demo.py's
     held_out = Batches(held_out_data(tokenizer), batch_size=8, block_size=256)
     teacher = Transformer.from_pretrained(teacher_dir)
     names = [n for n in SETS[args.set] if not args.only or n in args.only.split(",")]
-    if any(f"--init_from={PCA_STUDENT}" in SETS[args.set][n] for n in names):
-        pca_student(teacher, teacher_dir, data_dir)
     rows, set_name = [], args.set + (f"-{args.minutes:g}min" if args.minutes else "")
     for name in names:
-        out_dir = os.path.join("out", "experiments", set_name, name.replace(" ", "_").replace("/", ""))
-        os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-        run(name, SETS[args.set][name], out_dir, teacher_dir, data_dir, args.tokens, args.minutes)
-        rows.append(summarise(name, out_dir, teacher, held_out))
+        per_seed = []
+        for seed in range(DEFAULTS["seed"], DEFAULTS["seed"] + args.seeds):
+            out_dir = os.path.join("out", "experiments", set_name, name.replace(" ", "_").replace("/", "")
+                                   + (f"-seed{seed}" if seed != DEFAULTS["seed"] else ""))
+            os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+            overrides = [f"--init_from={start_student(o.split(START)[1], seed, teacher, teacher_dir, data_dir)}"
+                         if o.startswith(f"--init_from={START}") else o for o in SETS[args.set][name]]
+            run(name, overrides, out_dir, teacher_dir, data_dir, args.tokens, args.minutes, seed)
+            per_seed.append(summarise(name, out_dir, teacher, held_out))
+        rows.append(combine(per_seed))
     write_results(set_name, rows, "python " + shlex.join(sys.argv))
 
 

@@ -45,8 +45,9 @@ OUTPUT_SIDE = {"o": "self_attn.o_proj", "down": "mlp.down_proj"}
 # Clone terms (Sec. 4.2.2): the five linear outputs compared directly, the two module outputs through P.
 CLONE_TERMS = ("q", "k", "v", "gate", "up", "attn_out", "ffn_out")
 OUTPUT_TERMS = {"attn_out": "o", "ffn_out": "down"}  # which projection maps the teacher's output down
-INITS = ("normal", "identity", "pca", "clone", None)  # see init_projections; None: left uninitialised, for loaded weights
-CALIBRATED_INITS = ("pca", "clone")  # the inits that read calibration tokens (train windows)
+# see init_projections; None: left uninitialised, for loaded weights
+INITS = ("normal", "identity", "pca", "prune", "clone", None)
+CALIBRATED_INITS = ("pca", "prune", "clone")  # the inits that read calibration tokens (train windows)
 
 
 class LowRankClone(nn.Module):
@@ -288,7 +289,7 @@ class LowRankClone(nn.Module):
         self.norm.weight.copy_(self.teacher.norm.weight[:dS])
 
     @torch.no_grad()
-    def init_pca(self, std=None, calibration=None, batch_size=8):
+    def init_pca(self, std=None, calibration=None, batch_size=8, prune=False):
         """Not in the paper (README, "Distillation efficiency"): start the student as the teacher truncated
         to the top-d_S principal subspace U of its residual stream. The stream is sampled on calibration (token
         ids [N, T]) where the teacher reads it (every RMSNorm input), each token scaled to unit RMS first, so
@@ -318,10 +319,14 @@ class LowRankClone(nn.Module):
                 add(h + acts["attn_out"])  # post_attention_layernorm's
                 h = h_next
             add(h)  # the final norm's
-        U = torch.linalg.eigh(cov).eigenvectors[:, -dS:]  # eigenvalues ascend: the top d_S directions
-        g = teacher.norm.weight.double()
-        lam, R = torch.linalg.eigh(U.T @ (g[:, None] * U))
-        U, scale = U @ R, (teacher.config.hidden_size / dS) ** 0.5
+        g, scale = teacher.norm.weight.double(), (teacher.config.hidden_size / dS) ** 0.5
+        if prune:  # the d_S coordinates of largest mean square, kept as they are (columns of I, in order)
+            keep = cov.diagonal().topk(dS).indices.sort().values
+            U, lam = torch.eye(len(cov), dtype=cov.dtype)[:, keep], g[keep]  # U^T diag(g) U is diagonal already
+        else:
+            U = torch.linalg.eigh(cov).eigenvectors[:, -dS:]  # eigenvalues ascend: the top d_S directions
+            lam, R = torch.linalg.eigh(U.T @ (g[:, None] * U))
+            U = U @ R
         for t, P, n in zip(teacher.layers, self.proj, self.norms):
             for m in P:  # q, k, v read input_layernorm's output; gate, up post_attention_layernorm's
                 g_in = (t.input_layernorm if m in ("q", "k", "v") else t.post_attention_layernorm).weight.double()
@@ -338,6 +343,13 @@ class LowRankClone(nn.Module):
             self.p_lm.copy_(g[:, None] * U)
             self.norm.weight.fill_(scale)
 
+
+    def init_prune(self, std=None, calibration=None):
+        """Not in the paper: width pruning as Minitron (Muralidharan et al., 2024) ranks embedding channels, as a
+        start. The d_S residual coordinates with the largest activation importance (mean square at every RMSNorm
+        input on calibration, each token at unit RMS) are kept and the rest cut, i.e. init_pca with U = those
+        columns of I: the student is the teacher's weights with d_T - d_S rows and columns deleted."""
+        self.init_pca(std, calibration, prune=True)
 
     @torch.no_grad()
     def init_clone(self, std=None, calibration=None, ridge=1e-3):

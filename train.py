@@ -49,6 +49,7 @@ DEFAULTS = dict(
     alignment="reuse",  # "explicit": separate alignment matrices (ablation)
     init="normal",  # projections: "normal" N(0, init_std) as in the paper, "identity" (first d_S coordinates),
     # "pca" (the teacher's top-d_S residual subspace, measured on 32 train windows; README, Distillation efficiency)
+    # "prune" (the d_S most active residual coordinates kept, as Minitron prunes width; README, Distillation efficiency)
     # or "clone" (pca, then each layer's projections by least squares on those windows; README, Demo quality)
     init_std=0.02,  # std of LRC's projections (init "normal") and of every from-scratch weight (kd, tinybert, lm)
     alpha=0.5,  # weight of the clone loss
@@ -177,8 +178,8 @@ def tokenizer_dir(cfg):
 
 def build_model(cfg, device, dtype, calibration=None, load=False):
     """The trainable module for cfg['method'] (lrc.py, baselines.py): forward(idx, targets) -> (loss, parts);
-    .teacher (None for lm, sft); .config; .student(); .export(). calibration: token ids for LRC's inits 'pca', 'clone'
-    (calibration_tokens). load: LRC's projections are left uninitialised, for a checkpoint's weights."""
+    .teacher (None for lm, sft); .config; .student(); .export(). calibration: token ids for LRC's inits 'pca', 'prune',
+    'clone' (calibration_tokens). load: LRC's projections are left uninitialised, for a checkpoint's weights."""
     method = cfg["method"]
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
@@ -217,7 +218,8 @@ def build_model(cfg, device, dtype, calibration=None, load=False):
 
 
 def calibration_tokens(cfg, device, windows=32):
-    """Train windows for inits 'pca' and 'clone', the same on every rank (rank 0's first micro-batches of step 0)."""
+    """Train windows for the inits that calibrate (lrc.CALIBRATED_INITS), the same on every rank (rank 0's first
+    micro-batches of step 0)."""
     b = Batches(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], seed=cfg["seed"], device=device,
                 sampling=cfg["sampling"])
     return torch.cat([b.get_batch("train", 0, m)[0] for m in range(-(-windows // cfg["batch_size"]))])

@@ -264,6 +264,7 @@ def test_bench_py(finished, args, code, message):
 @pytest.mark.parametrize("args, message", [
     ("baselines --tokens=100", "--tokens=100: at least 2048"),
     ("baselines --only=LRC,LCR", "--only: no run named 'LCR' in the set 'baselines'"),
+    ("comparison --seeds=0", "--seeds=0: at least 1"),
 ])
 def test_experiments_py(tmp_path, args, message):
     r = run("experiments.py", *args.split(), cwd=tmp_path, env={"NANOLRC_CACHE": str(tmp_path / "cache")})

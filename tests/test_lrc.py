@@ -465,14 +465,16 @@ def test_scale_free_clone_and_sink_skip():
         LowRankClone(teacher, 20, clone_norm="robust")
 
 
-def residual_in_24_dims(teacher):
-    """Make a width-48 tiny teacher's residual stream lie in a 24-dim subspace: the embedding and every o/down
-    write into it. eps set to 1e-12, since eps does not scale with the width: the one inexact part."""
+def residual_in_24_dims(teacher, Q=None):
+    """Make a width-48 tiny teacher's residual stream lie in a 24-dim subspace, span(Q) (default: a random one):
+    the embedding and every o/down write into it. eps set to 1e-12, since eps does not scale with the width: the
+    one inexact part."""
     teacher.config = dataclasses.replace(teacher.config, rms_norm_eps=1e-12)
     for m in teacher.modules():
         if hasattr(m, "eps"):
             m.eps = 1e-12
-    Q = torch.linalg.qr(torch.randn(48, 24, generator=torch.Generator().manual_seed(3)))[0]
+    if Q is None:
+        Q = torch.linalg.qr(torch.randn(48, 24, generator=torch.Generator().manual_seed(3)))[0]
     with torch.no_grad():
         teacher.embed_tokens.weight.copy_(teacher.embed_tokens.weight @ Q @ Q.T)
         for layer in teacher.layers:
@@ -523,6 +525,28 @@ def test_clone_init_solves_the_clone_objective_layer_by_layer(name):
     residual_in_24_dims(teacher)
     lrc = LowRankClone(teacher, 24, init="clone", calibration=calibration, temperature=1.0, kl_reduction="token")
     assert lrc(idx, tgt)[1]["kl"] < 1e-4
+
+
+@pytest.mark.parametrize("name", TEACHERS)
+def test_prune_init_keeps_the_teachers_live_coordinates(name, tmp_path):
+    """init='prune' (Minitron's width pruning) on a teacher whose residual stream lives in 24 of its 48 coordinates
+    (the others are 0 in the embedding and in every o/down output): it keeps exactly those 24, and the exported
+    student is the teacher with the dead rows and columns deleted: its embedding is those columns of the teacher's,
+    its logits are the teacher's. From the full-rank teacher it keeps 24 coordinates too, and is not the teacher."""
+    teacher = tiny_teacher(name)
+    idx, _ = batch(B=4)
+    calibration = batch(seed=2, B=4)[0]
+    full = LowRankClone(teacher, 24, init="prune", calibration=calibration).student()
+    live = torch.randperm(48, generator=torch.Generator().manual_seed(5))[:24].sort().values
+    residual_in_24_dims(teacher, torch.eye(48)[:, live])
+    lrc = LowRankClone(teacher, 24, init="prune", calibration=calibration)
+    lrc.export(tmp_path / "pruned")
+    student = Transformer.from_pretrained(tmp_path / "pruned")
+    torch.testing.assert_close(lrc.p_emb, torch.eye(48)[:, live])  # P_emb keeps the live coordinates, in order
+    torch.testing.assert_close(student.embed_tokens.weight, teacher.embed_tokens.weight[:, live])
+    with torch.no_grad():
+        torch.testing.assert_close(student(idx)[0], teacher(idx)[0], atol=1e-4, rtol=1e-4)
+        assert (full(idx)[0] - teacher(idx)[0]).abs().max() > 0.1  # the check above is not trivially met
 
 
 def test_bf16_accumulation_sums_in_fp32():
