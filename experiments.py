@@ -19,6 +19,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -255,7 +256,7 @@ def main():
     for name in names:
         per_seed = []
         for seed in range(DEFAULTS["seed"], DEFAULTS["seed"] + args.seeds):
-            out_dir = os.path.join("out", "experiments", set_name, name.replace(" ", "_").replace("/", "")
+            out_dir = os.path.join("out", "experiments", set_name, re.sub(r"[^\w+.=-]", "", name.replace(" ", "_"))
                                    + (f"-seed{seed}" if seed != DEFAULTS["seed"] else ""))
             os.makedirs(os.path.dirname(out_dir), exist_ok=True)
             overrides = [f"--init_from={start_student(o.split(START)[1], seed, teacher, teacher_dir, data_dir)}"
