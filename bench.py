@@ -347,8 +347,9 @@ def official_step(cfg):
     as train.py. Its flags are its README's paper command (use_all_attn, tie_word_emb_proj for a tied teacher).
     dtype float32: everything fp32. bfloat16: as its DeepSpeed config trains, bf16 weights (no autocast) with fp32
     master copies for Adam. Two changes, neither in its files: flash-attn -> SDPA (sdpa_attention), and a stub
-    for wandb, which it imports to log every 20 micro-batches. Runs in an interpreter with transformers 4.41.2
-    (the official code asserts that version)."""
+    for wandb, which it imports to log every 20 micro-batches. Its process keeps freed memory for reuse as
+    nanoLRC's does (train.resolve_system, on CPU). Runs in an interpreter with transformers 4.41.2 (the official
+    code asserts that version)."""
     import importlib.machinery
     import types
     sys.path.insert(0, os.path.abspath(cfg["official_path"]))
