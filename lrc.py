@@ -343,7 +343,6 @@ class LowRankClone(nn.Module):
             self.p_lm.copy_(g[:, None] * U)
             self.norm.weight.fill_(scale)
 
-
     def init_prune(self, std=None, calibration=None):
         """Not in the paper: width pruning as Minitron (Muralidharan et al., 2024) ranks embedding channels, as a
         start. The d_S residual coordinates with the largest activation importance (mean square at every RMSNorm

@@ -50,7 +50,7 @@ DEFAULTS = dict(
     alignment="reuse",  # "explicit": separate alignment matrices (ablation)
     init="normal",  # projections: "normal" N(0, init_std) as in the paper, "identity" (first d_S coordinates),
     # "pca" (the teacher's top-d_S residual subspace, measured on 32 train windows; README, Distillation efficiency)
-    # "prune" (the d_S most active residual coordinates kept, as Minitron prunes width; README, Distillation efficiency)
+    # "prune" (the d_S most active residual coordinates kept, as Minitron prunes width; README, the paper's comparisons)
     # or "clone" (pca, then each layer's projections by least squares on those windows; README, Demo quality)
     init_std=0.02,  # std of LRC's projections (init "normal") and of every from-scratch weight (kd, tinybert, lm)
     alpha=0.5,  # weight of the clone loss
