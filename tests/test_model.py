@@ -133,6 +133,30 @@ def test_compiled_decode_step_matches_eager_and_transformers(tmp_path):
         assert torch.equal(fast, eager) and torch.equal(fast, ref)
 
 
+def test_compiled_cpu_attention_is_two_matmuls_with_transformers_logits(tmp_path, monkeypatch):
+    """Compiled on CPU, causal attention over up to COMPILED_CPU_MATH_SLOTS slots is two matmuls around a fused softmax
+    (faster than SDPA's CPU kernel there): SDPA is not called, the logits are transformers', and the gradients those
+    of the eager model, which runs SDPA."""
+    import model as model_py
+    hf, path = make_hf("llama3_scaled", tmp_path)  # GQA
+    model = Transformer.from_pretrained(path)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(5))
+    w = torch.randn(2, 40, TINY["vocab_size"], generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = hf(idx).logits
+    (model(idx)[0] * w).sum().backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    calls, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(model_py.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    logits = torch.compile(model)(idx)[0]
+    (logits * w).sum().backward()
+    assert not calls
+    assert_logits_close(logits.detach(), ref)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[n], rtol=1e-4, atol=1e-4 * eager[n].abs().max().item(), msg=n)
+
+
 @pytest.mark.parametrize("name", ["qwen2_untied", "llama_bias_tied", "qwen3_tied", "qwen3_untied"])
 def test_save_pretrained_loads_in_transformers(name, tmp_path):
     hf, path = make_hf(name, tmp_path)
