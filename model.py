@@ -152,8 +152,9 @@ class RMSNorm(nn.Module):
 
 # Compiled on CPU, causal attention over up to this many slots is two matmuls around a softmax that inductor fuses,
 # the scores in fp32 as SDPA keeps them: the issue-18 step (bf16, 8 x 256, SmolLM2 -> 256) 3.14-3.21 s vs 3.66-4.26
-# with SDPA's CPU kernel. At 512 slots SDPA is faster (bf16, 4 x 9 heads, forward + backward 48.6 vs 62.5 ms):
-# the [T, S] scores no longer stay in cache.
+# with SDPA's CPU kernel. The cost is memory: backward keeps the [T, S] probabilities (demo step, 8 x 256: peak 4.46 vs
+# 3.20 GB). At 512 slots SDPA is faster (bf16, 4 x 9 heads, forward + backward 48.6 vs 62.5 ms): the scores no
+# longer stay in cache.
 COMPILED_CPU_MATH_SLOTS = 256
 
 
