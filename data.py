@@ -228,9 +228,11 @@ def _prepare_into(out_dir, tokenizer, sources, val_fraction, seed, mask, num_pro
             tasks = _batched(iter_documents(src), docs_per_task)
             bar = tqdm(total=budget, unit="tok", unit_scale=True, desc=os.path.basename(src["path"]))
             bars.append(bar)
-            # hand the pool a bounded group of tasks at a time, so a budget stops reading a huge source early
+            # hand the pool a bounded group of tasks at a time, so a budget stops reading a huge source early; the
+            # group is finished (map) before its documents are written, so no task is in flight when a budget stops
+            # early: Pool.terminate could hang with tasks still being sent (a CI run waited on it for 10 minutes)
             while not (budget and n_tok >= budget) and (group := list(itertools.islice(tasks, 4 * num_proc))):
-                results = pool.imap(_tokenize_docs, group) if pool else (_tokenize_docs(g, tokenizer) for g in group)
+                results = pool.map(_tokenize_docs, group) if pool else (_tokenize_docs(g, tokenizer) for g in group)
                 for ids, m in itertools.chain.from_iterable(results):
                     split = "val" if rng.random() < val_fraction else "train"
                     ids.tofile(bins[split])
