@@ -158,6 +158,18 @@ class RMSNorm(nn.Module):
 COMPILED_CPU_MATH_SLOTS = 256
 
 
+class Linear(nn.Linear):
+    """nn.Linear. One row compiled on CPU (a batch-1 decode step) is a multiply-and-sum in fp32, which inductor
+    streams from memory at ~40 GB/s on this project's 2-core machine: torch's CPU matrix-vector kernels reach 15-25
+    GB/s there (SmolLM2's 49,152 x 576 head), and decoding reads every weight once per token."""
+
+    def forward(self, x):
+        if x.numel() == x.shape[-1] and x.device.type == "cpu" and torch.compiler.is_compiling():
+            y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
+            return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
+        return super().forward(x)
+
+
 def attention_probs(q, k, mask, scale):
     """softmax(q k^T * scale) in fp32 over the key slots mask allows: (..., T, hs), (..., S, hs) -> (..., T, S)."""
     return ((q @ k.transpose(-2, -1)) * scale).float().masked_fill(~mask, float("-inf")).softmax(-1)
@@ -168,10 +180,10 @@ class Attention(nn.Module):
         super().__init__()
         self.nh, self.nkv, self.hs = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         o_bias = cfg.attention_bias and cfg.model_type != "qwen2"  # Llama's, Qwen3's attention_bias cover o_proj too
-        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hs, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hs, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hs, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.nh * self.hs, cfg.hidden_size, bias=o_bias)
+        self.q_proj = Linear(cfg.hidden_size, self.nh * self.hs, bias=cfg.attention_bias)
+        self.k_proj = Linear(cfg.hidden_size, self.nkv * self.hs, bias=cfg.attention_bias)
+        self.v_proj = Linear(cfg.hidden_size, self.nkv * self.hs, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.nh * self.hs, cfg.hidden_size, bias=o_bias)
         # Qwen3: RMSNorm over each head's head_dim features of q and of k, before RoPE (one weight for all heads)
         qk_norm = cfg.model_type == "qwen3"
         self.q_norm = RMSNorm(self.hs, cfg.rms_norm_eps) if qk_norm else None
@@ -233,9 +245,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, acts=None):
         gate, up = self.gate_proj(x), self.up_proj(x)
@@ -271,7 +283,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)

@@ -133,6 +133,28 @@ def test_compiled_decode_step_matches_eager_and_transformers(tmp_path):
         assert torch.equal(fast, eager) and torch.equal(fast, ref)
 
 
+def test_compiled_cpu_decode_of_one_row_is_a_multiply_and_sum(tmp_path, monkeypatch):
+    """Compiled on CPU, a batch-1 step's projections and head are multiply-and-sums (model.Linear), with biases: no
+    F.linear runs in the step, its logits are transformers', and greedy decoding gives transformers' tokens."""
+    hf, path = make_hf("llama_bias_tied", tmp_path)  # q/k/v/o biases, tied head
+    model = Transformer.from_pretrained(path).eval()
+    idx = torch.randint(0, TINY["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(7))
+    calls, linear = [], F.linear
+    monkeypatch.setattr(F, "linear", lambda *a, **k: calls.append(1) or linear(*a, **k))
+    with torch.no_grad():
+        model.setup_cache(1, 16)
+        nxt = model(idx)[0][:, -1:].argmax(-1)  # the prompt, eager: (1, 1)
+        calls.clear()
+        logits = model.compiled_step()(nxt, torch.tensor(9))  # (1, V)
+        model.setup_cache(None, 0)
+        assert not calls
+        assert_logits_close(logits, hf(torch.cat((idx, nxt), 1)).logits[:, -1])
+        fast = torch.stack(list(model.generate(idx, 24, compile=True)), 1)
+        ref = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=24, min_new_tokens=24,
+                          do_sample=False, pad_token_id=0)[:, 9:]
+    assert torch.equal(fast, ref)
+
+
 def test_compiled_cpu_attention_is_two_matmuls_with_transformers_logits(tmp_path, monkeypatch):
     """Compiled on CPU, causal attention over up to COMPILED_CPU_MATH_SLOTS slots is two matmuls around a fused softmax
     (faster than SDPA's CPU kernel there): SDPA is not called, the logits are transformers', and the gradients those
