@@ -150,14 +150,6 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-# Compiled on CPU, causal attention over up to this many slots is two matmuls around a softmax that inductor fuses,
-# the scores in fp32 as SDPA keeps them: the issue-18 step (bf16, 8 x 256, SmolLM2 -> 256) 3.14-3.21 s vs 3.66-4.26
-# with SDPA's CPU kernel. The cost is memory: backward keeps the [T, S] probabilities (demo step, 8 x 256: peak 4.46 vs
-# 3.20 GB). At 512 slots SDPA is faster (bf16, 4 x 9 heads, forward + backward 48.6 vs 62.5 ms): the scores no
-# longer stay in cache.
-COMPILED_CPU_MATH_SLOTS = 256
-
-
 class Linear(nn.Linear):
     """nn.Linear. One row compiled on CPU (a batch-1 decode step) is a multiply-and-sum in fp32, which inductor
     streams from memory at ~40 GB/s on this project's 2-core machine: torch's CPU matrix-vector kernels reach 15-25
@@ -168,6 +160,14 @@ class Linear(nn.Linear):
             y = (x.unsqueeze(-2).float() * self.weight.float()).sum(-1)  # (..., 1, in) * (out, in) -> (..., out)
             return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
         return super().forward(x)
+
+
+# Compiled on CPU, causal attention over up to this many slots is two matmuls around a softmax that inductor fuses,
+# the scores in fp32 as SDPA keeps them: the issue-18 step (bf16, 8 x 256, SmolLM2 -> 256) 3.14-3.21 s vs 3.66-4.26
+# with SDPA's CPU kernel. The cost is memory: backward keeps the [T, S] probabilities (demo step, 8 x 256: peak 4.46 vs
+# 3.20 GB). At 512 slots SDPA is faster (bf16, 4 x 9 heads, forward + backward 48.6 vs 62.5 ms): the scores no
+# longer stay in cache.
+COMPILED_CPU_MATH_SLOTS = 256
 
 
 def attention_probs(q, k, mask, scale):
