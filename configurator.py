@@ -4,23 +4,27 @@ One config mechanism for every script: defaults live in the script, overrides co
     # train.py
     from configurator import configure_or_exit
     defaults = dict(batch_size=8, block_size=2048, learning_rate=6.7e-5, compile=False)
-    config = configure_or_exit(defaults)    # parses sys.argv[1:]; on a bad argument: message, exit 2
+    config = configure_or_exit(defaults)  # parses sys.argv[1:]; on a bad argument: message, exit 2
 
     $ python train.py config/lrc_qwen.py --learning_rate=1e-4 --compile=true
 
 Arguments are applied left to right, so a later one wins:
 - `path.py`      a config file, executed as Python in a namespace that already holds the current
-                 values, so it can compute one key from another (`tokens = batch_size * block_size`).
+                 values, so it can compute one key from another
+                 (`tokens = batch_size * block_size`).
                  Every top-level name it leaves behind must be an existing key; helpers must start
                  with `_` (imported modules are ignored).
-- `--key=value`  value parsed with ast.literal_eval (`1e-4`, `True`, `(0.9, 0.95)`), else kept as a str.
+- `--key=value`  value parsed with ast.literal_eval (`1e-4`, `True`, `(0.9, 0.95)`), else kept as a
+                 str. A key whose default is a list collects values instead: each `--key=value`
+                 appends the text as given (`--source=a.txt --source=b.txt`), and a config file may
+                 assign the whole list.
 Unlike nanoGPT's configurator, a typo is an error naming the closest key instead of a silent new
 global, and every value is checked against the default's type (an int is fine where a float is due).
-Ranges are checked where a script reads its values (check_ranges), and every script runs its main through
-run_or_exit, so that an expected failure reaches the user as one line, not a traceback:
+Ranges are checked where a script reads its values (check_ranges), and every script runs its main
+through run_or_exit, so that an expected failure reaches the user as one line, not a traceback:
 
     if __name__ == "__main__":
-        run_or_exit(main)                   # "error: ..." on stderr, exit 1; NANOLRC_DEBUG=1 shows the traceback
+        run_or_exit(main)  # "error: ..." on stderr, exit 1; NANOLRC_DEBUG=1 shows the traceback
 """
 import ast
 import difflib
@@ -31,18 +35,21 @@ import types
 
 
 class ConfigError(ValueError):
-    """A bad config argument; scripts print it and exit with status 2 (see configure_or_exit, run_or_exit)."""
+    """A bad config argument; scripts print it and exit with status 2 (configure_or_exit,
+    run_or_exit)."""
 
 
-# the failures a user can cause and fix (bad paths and files, bad values, a missing package, a non-finite loss,
-# out of memory); anything else is a bug in nanoLRC and keeps its traceback
-EXPECTED = (OSError, ValueError, KeyError, FloatingPointError, RuntimeError, ImportError, MemoryError)
+# the failures a user can cause and fix (bad paths and files, bad values, a missing package, a
+# non-finite loss, out of memory); anything else is a bug in nanoLRC and keeps its traceback
+EXPECTED = (OSError, ValueError, KeyError, FloatingPointError, RuntimeError, ImportError,
+            MemoryError)
 
 
 def run_or_exit(main, *args, **kwargs):
-    """Run a script's main: an EXPECTED failure is printed as one line `error: ...` on stderr with exit status 1
-    (2 for a ConfigError, as configure_or_exit), Ctrl-C exits 130 quietly. NANOLRC_DEBUG=1 re-raises instead,
-    for the traceback. The messages name the file or key and say what to do, so they are all a user needs."""
+    """Run a script's main: an EXPECTED failure is printed as one line `error: ...` on stderr with
+    exit status 1 (2 for a ConfigError, as configure_or_exit), Ctrl-C exits 130 quietly.
+    NANOLRC_DEBUG=1 re-raises instead, for the traceback. The messages name the file or key and say
+    what to do, so they are all a user needs."""
     try:
         return main(*args, **kwargs)
     except KeyboardInterrupt:
@@ -52,10 +59,12 @@ def run_or_exit(main, *args, **kwargs):
     except EXPECTED as e:
         if os.environ.get("NANOLRC_DEBUG"):
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # a KeyError's str() is its repr
+        # a KeyError's str() is its repr
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         if isinstance(e, OSError) and e.filename and str(e.filename) not in message:
             message += f": {e.filename}"
-        message = " ".join(str(message).split()) or type(e).__name__  # one line, however the library wrote it
+        # one line, however the library wrote it
+        message = " ".join(str(message).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ConfigError) else 1)
 
@@ -69,8 +78,8 @@ FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 def check_ranges(cfg: dict, ranges: dict, choices: dict | None = None):
-    """Raise a ConfigError naming the first key whose value is out of its range (key -> (test, what), e.g.
-    AT_LEAST_1) or not one of its choices (key -> allowed values)."""
+    """Raise a ConfigError naming the first key whose value is out of its range (key -> (test,
+    what), e.g. AT_LEAST_1) or not one of its choices (key -> allowed values)."""
     for key, (ok, what) in ranges.items():
         if not ok(cfg[key]):
             raise ConfigError(f"--{key}={cfg[key]!r}: {key} must be {what}")
@@ -135,6 +144,9 @@ def configure(defaults: dict, argv: list[str]) -> dict:
             key, raw = arg[2:].split("=", 1)
             if key not in defaults:
                 raise _unknown(key, defaults, arg)
+            if isinstance(defaults[key], list):  # a new list, never the default's own
+                config[key] = [*config[key], raw]  # --source=a.txt --source=b.txt: both
+                continue
             try:
                 value = ast.literal_eval(raw)
             except (ValueError, SyntaxError):
@@ -143,15 +155,17 @@ def configure(defaults: dict, argv: list[str]) -> dict:
                 value = raw  # a str key takes the text as given: --out_dir=2024 is '2024'
             config[key] = _check(key, value, defaults[key], arg)
         else:
-            raise ConfigError(f"bad argument '{arg}': expected a config file ending in .py or --key=value")
+            raise ConfigError(f"bad argument '{arg}': expected a config file ending in .py or "
+                              "--key=value")
     return config
 
 
 def configure_or_exit(defaults: dict, argv: list[str] | None = None) -> dict:
-    """configure() for scripts: on a ConfigError print it to stderr and exit with status 2. -h / --help: the
-    script's docstring and every key with its default, then exit 0."""
+    """configure() for scripts: on a ConfigError print it to stderr and exit with status 2.
+    -h / --help: the script's docstring and every key with its default, then exit 0."""
     argv = sys.argv[1:] if argv is None else argv
-    if hasattr(sys.stdout, "reconfigure"):  # log lines reach a redirected stdout (a cluster job's log) at once
+    # log lines reach a redirected stdout (a cluster job's log) at once
+    if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
     if {"-h", "--help"} & set(argv):
         print((sys.modules["__main__"].__doc__ or "").strip())

@@ -1,18 +1,20 @@
 """
 Sample from a model: an HF dir (a teacher, an exported student) or a training checkpoint.
 
-    python sample.py                                    # the newest out/*/student (right after python demo.py)
+    python sample.py  # the newest out/*/student (right after python demo.py)
     python sample.py --model=out/demo --prompt="The capital of France is" --temperature=0
     python sample.py --model=out/lrc/ckpt.pt --prompt=FILE:prompt.txt --num_samples=3
     echo "In the beginning" | python sample.py --prompt=-
-    python sample.py --chat=True --prompt="Name three colours."   # the prompt as a user turn of a chat
-    python sample.py --model=~/.cache/nanolrc/SmolLM2-135M-Instruct  # no prompt, on a terminal: chat
-    python sample.py --dtype=bfloat16 --compile=True --max_new_tokens=1024   # the fastest decode (bench.py model)
+    python sample.py --chat=True --prompt="Name three colours."  # the prompt as a chat's user turn
+    python sample.py --model=~/.cache/nanolrc/SmolLM2-135M-Instruct  # no prompt on a terminal: chat
+    python sample.py --dtype=bfloat16 --compile=True --max_new_tokens=1024  # the fastest decode
+                                                                           # (bench.py model)
 
---model is an HF dir (config.json, safetensors, tokenizer.json), a training out_dir (its student/ once
-exported, else its ckpt.pt, with the teacher's tokenizer) or a ckpt.pt file. Text streams as it is made;
-generation stops at EOS (the tokenizer's and those in config.json / generation_config.json); the speed
-goes to stderr. Without a prompt, stdin a terminal: an interactive chat that keeps the history.
+--model is an HF dir (config.json, safetensors, tokenizer.json), a training out_dir (its student/
+once exported, else its ckpt.pt, with the teacher's tokenizer) or a ckpt.pt file. Text streams as it
+is made; generation stops at EOS (the tokenizer's and those in config.json /
+generation_config.json); the speed goes to stderr. Without a prompt, stdin a terminal: an
+interactive chat that keeps the history.
 """
 import codecs
 import glob
@@ -22,14 +24,16 @@ import time
 
 import torch
 
-from configurator import AT_LEAST_1, NON_NEGATIVE, PROBABILITY, check_ranges, configure_or_exit, run_or_exit
+from configurator import (AT_LEAST_1, NON_NEGATIVE, PROBABILITY, check_ranges, configure_or_exit,
+                          run_or_exit)
 from tokenizer import load_tokenizer
 from model import Transformer, read_json
-from train import load_student, resolve_system, tokenizer_dir
+from common import load_student, resolve_system, tokenizer_dir
 
 DEFAULTS = dict(
     model="",  # HF dir, training out_dir or ckpt.pt; "" = the newest out/*/student
-    prompt="",  # the text, FILE:path or - (stdin); "" = interactive chat on a terminal, else start a document
+    prompt="",  # the text, FILE:path or - (stdin); "" = interactive chat on a terminal, else start
+                # a document
     chat=False,  # render the prompt as a user message with the model's chat template
     num_samples=1,
     max_new_tokens=256,
@@ -37,8 +41,9 @@ DEFAULTS = dict(
     top_k=200,  # 0 = off
     top_p=1.0,  # 1.0 = off; in (0, 1]
     seed=1337,
-    compile=False,  # torch.compile the one-token decode step (model.Transformer.decode_step): compiles once
-    # per cache size (tens of seconds on a CPU), then faster per token; worth it for long or many generations
+    compile=False,  # torch.compile the one-token decode step (model.Transformer.decode_step):
+    # compiles once per cache size (tens of seconds on a CPU), then faster per token; worth it for
+    # long or many generations
     device="auto",  # auto: cuda if available, else cpu
     dtype="auto",  # auto: bfloat16 on cuda, float32 on cpu
 )
@@ -49,22 +54,27 @@ def resolve_model(path, out_root="out"):
     if not path:
         found = glob.glob(os.path.join(out_root, "*", "student", "config.json"))
         if not found:
-            raise FileNotFoundError(f"no trained student under {out_root}/*/student: run python demo.py first, "
-                                    "or pass --model=HF_DIR (or a training out_dir / ckpt.pt)")
-        return os.path.dirname(max(found, key=os.path.getmtime))  # config.json is rewritten by every export
+            raise FileNotFoundError(f"no trained student under {out_root}/*/student: run python "
+                                    "demo.py first, or pass --model=HF_DIR (or a training "
+                                    "out_dir / ckpt.pt)")
+        # config.json is rewritten by every export
+        return os.path.dirname(max(found, key=os.path.getmtime))
     path = os.path.expanduser(path)
     if os.path.isfile(os.path.join(path, "student", "config.json")):
         return os.path.join(path, "student")  # a finished training run
-    if os.path.isfile(os.path.join(path, "config.json")) or os.path.isfile(os.path.join(path, "ckpt.pt")) \
-            or (os.path.isfile(path) and path.endswith(".pt")):
+    if (os.path.isfile(os.path.join(path, "config.json"))
+            or os.path.isfile(os.path.join(path, "ckpt.pt"))
+            or (os.path.isfile(path) and path.endswith(".pt"))):
         return path
-    what = "does not exist" if not os.path.exists(path) else "is neither an HF dir (no config.json) nor a " \
-        "training checkpoint (no ckpt.pt, no student/)"
-    raise FileNotFoundError(f"--model={path} {what}: pass an HF model dir, a training out_dir or a ckpt.pt")
+    what = "does not exist" if not os.path.exists(path) else \
+        "is neither an HF dir (no config.json) nor a training checkpoint (no ckpt.pt, no student/)"
+    raise FileNotFoundError(f"--model={path} {what}: pass an HF model dir, a training out_dir or a "
+                            "ckpt.pt")
 
 
 def load(path, device, dtype):
-    """(model, tokenizer, eos ids) from an HF dir or a training checkpoint (with its teacher's tokenizer)."""
+    """(model, tokenizer, eos ids) from an HF dir or a training checkpoint (with its teacher's
+    tokenizer)."""
     if os.path.isfile(os.path.join(path, "config.json")):
         model, tok_dir = Transformer.from_pretrained(path, device, getattr(torch, dtype)), path
     else:  # the student is materialised from teacher + projections, as train.py evaluates it
@@ -72,8 +82,10 @@ def load(path, device, dtype):
         model, tok_dir = model.to(getattr(torch, dtype)), tokenizer_dir(cfg)
     tok = load_tokenizer(tok_dir)
     gen = os.path.join(tok_dir, "generation_config.json")
-    eos = {tok.eos_id}  # the chat models' end of turn (e.g. <|im_end|>) plus any other id the configs call EOS
-    for ids in (model.config.eos_token_id, read_json(gen).get("eos_token_id") if os.path.isfile(gen) else None):
+    # the chat models' end of turn (e.g. <|im_end|>) plus any other id the configs call EOS
+    eos = {tok.eos_id}
+    gen_eos = read_json(gen).get("eos_token_id") if os.path.isfile(gen) else None
+    for ids in (model.config.eos_token_id, gen_eos):
         eos |= set(ids) if isinstance(ids, list) else {ids} - {None}
     return model.eval(), tok, eos
 
@@ -82,30 +94,35 @@ def read_prompt(prompt):
     """--prompt as text: FILE:path reads a file (as nanoGPT does), - reads stdin."""
     if prompt.startswith("FILE:"):
         if not os.path.isfile(prompt[5:]):
-            raise FileNotFoundError(f"--prompt=FILE:{prompt[5:]}: no such file (FILE:path reads the prompt from it)")
+            raise FileNotFoundError(f"--prompt=FILE:{prompt[5:]}: no such file "
+                                    "(FILE:path reads the prompt from it)")
         with open(prompt[5:], encoding="utf-8") as f:
             return f.read()
     return sys.stdin.read() if prompt == "-" else prompt
 
 
 def prompt_ids(tok, text, chat):
-    """Token ids of a prompt; chat: as a user turn followed by the assistant header, exactly as HF renders it.
-    A plain prompt gets no BOS: training packs documents joined by EOS, so an empty one starts after EOS."""
+    """Token ids of a prompt; chat: as a user turn followed by the assistant header, exactly as HF
+    renders it. A plain prompt gets no BOS: training packs documents joined by EOS, so an empty one
+    starts after EOS."""
     if chat:
         return tok.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)[0]
     return tok.encode(text) if text else [tok.eos_id]
 
 
 def stream(model, tok, ids, eos, cfg, generator=None, out=None):
-    """Generate after `ids`, writing text to `out` as it becomes final; return the new ids (EOS left out)."""
-    # a byte-level token can end inside a multi-byte character: the incremental decoder holds such bytes
-    # back until the character is complete, so only final text is printed (and nothing printed changes)
+    """Generate after `ids`, writing text to `out` as it becomes final; return the new ids (EOS left
+    out)."""
+    # a byte-level token can end inside a multi-byte character: the incremental decoder holds such
+    # bytes back until the character is complete, so only final text is printed (and nothing printed
+    # changes)
     out = sys.stdout if out is None else out
     utf8, new = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
     idx = torch.tensor([ids], device=next(model.parameters()).device)
     t0 = time.perf_counter()
-    for nxt in model.generate(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None, cfg["top_p"],
-                              eos_id=eos, generator=generator, vocab_size=tok.vocab_size, compile=cfg["compile"]):
+    for nxt in model.generate(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None,
+                              cfg["top_p"], eos_id=eos, generator=generator,
+                              vocab_size=tok.vocab_size, compile=cfg["compile"]):
         if nxt.item() in eos:
             break
         new.append(nxt.item())
@@ -119,9 +136,11 @@ def stream(model, tok, ids, eos, cfg, generator=None, out=None):
 
 
 def chat_loop(model, tok, eos, cfg, generator):
-    """Interactive chat on a terminal; the whole history is encoded again each turn. Ctrl-D quits."""
+    """Interactive chat on a terminal; the whole history is encoded again each turn. Ctrl-D
+    quits."""
     if tok.chat_format is None:
-        raise ValueError("this model's tokenizer has no chat template: give a --prompt to complete instead")
+        raise ValueError("this model's tokenizer has no chat template: give a --prompt to complete "
+                         "instead")
     history = []
     while True:
         try:
@@ -129,13 +148,14 @@ def chat_loop(model, tok, eos, cfg, generator):
         except EOFError:  # Ctrl-D
             print()
             return
-        reply = stream(model, tok, tok.encode_chat(history, add_generation_prompt=True)[0], eos, cfg, generator)
+        ids = tok.encode_chat(history, add_generation_prompt=True)[0]
+        reply = stream(model, tok, ids, eos, cfg, generator)
         history.append({"role": "assistant", "content": tok.decode(reply)})
 
 
 def sample(cfg, out_root="out"):
-    check_ranges(cfg, {"num_samples": AT_LEAST_1, "max_new_tokens": AT_LEAST_1, "temperature": NON_NEGATIVE,
-                       "top_k": NON_NEGATIVE, "top_p": PROBABILITY})
+    check_ranges(cfg, {"num_samples": AT_LEAST_1, "max_new_tokens": AT_LEAST_1,
+                       "temperature": NON_NEGATIVE, "top_k": NON_NEGATIVE, "top_p": PROBABILITY})
     device, dtype = resolve_system(cfg)
     model, tok, eos = load(resolve_model(cfg["model"], out_root), device, dtype)
     generator = torch.Generator(device).manual_seed(cfg["seed"])
@@ -152,7 +172,8 @@ def sample(cfg, out_root="out"):
 
 
 def main(argv=None, out_root="out"):
-    # a bad path or setting: one line and exit 1 (2 for a bad key or value); Ctrl-C ends a chat quietly (130)
+    # a bad path or setting: one line and exit 1 (2 for a bad key or value); Ctrl-C ends a chat
+    # quietly (130)
     run_or_exit(sample, configure_or_exit(DEFAULTS, argv), out_root)
 
 

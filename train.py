@@ -7,14 +7,13 @@ Train a student from a frozen teacher: Low-Rank Clone (default), one loop for ev
     # two nodes: run on each, with --node_rank=0 / 1
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \\
         train.py config/lrc_qwen.py
-    torchrun --nproc_per_node=8 train.py config/lrc_qwen.py config/ablation_no_ffn.py   # a paper ablation
-    torchrun --nproc_per_node=8 train.py config/kd_qwen.py       # baselines: method kd | tinybert | lm | sft
+    torchrun --nproc_per_node=8 train.py config/lrc_qwen.py config/ablation_no_ffn.py  # an ablation
+    torchrun --nproc_per_node=8 train.py config/kd_qwen.py       # baselines: kd | tinybert | lm | sft
 
 Every key in DEFAULTS can be set from a config file or as --key=value (configurator.py).
 The checkpoint out_dir/ckpt.pt holds the trainable state, the optimizer, the step and the config;
 the finished student is exported as an HF dir to out_dir/student.
 """
-import ctypes
 import json
 import math
 import os
@@ -28,13 +27,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from baselines import LMOnly, TinyBERT, VanillaKD, student_config
+from common import (METHODS, build_model, check_teacher, load_checkpoint, resolve_system,
+                    save_checkpoint, tokenizer_dir)
 from configurator import (AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, check_ranges,
                           configure_or_exit, run_or_exit)
 from data import Batches, check_compatible
 from losses import head_chunk
-from lrc import CALIBRATED_INITS, CLONE_TERMS, LowRankClone
-from model import ModelConfig, RMSNorm, Transformer, read_json
+from lrc import CALIBRATED_INITS, CLONE_TERMS
 from tokenizer import load_tokenizer
 
 DEFAULTS = dict(
@@ -48,31 +47,29 @@ DEFAULTS = dict(
     d_student=256,  # the student's residual width (LRC; also the baselines' default hidden size)
     clone_terms=",".join(CLONE_TERMS),  # ablations: drop terms, e.g. "q,k,v,attn_out" (w/o FFN)
     alignment="reuse",  # "explicit": separate alignment matrices (ablation)
-    init="normal",  # projections: "normal" N(0, init_std) as in the paper, "identity" (first d_S coordinates),
-    # "pca" (the teacher's top-d_S residual subspace, measured on 32 train windows; README, Distillation efficiency)
-    # "prune" (the d_S most active residual coordinates kept, as Minitron prunes width; README, the paper's comparisons)
-    # or "clone" (pca, then each layer's projections by least squares on those windows; README, Demo quality)
-    init_std=0.02,  # std of LRC's projections (init "normal") and of every from-scratch weight (kd, tinybert, lm)
+    init="normal",  # projections: "normal" N(0, init_std) as in the paper, "identity" (the first
+    # d_S coordinates), or calibrated on 32 train windows (inits.py): "pca" (the teacher's top-d_S
+    # residual subspace), "prune" (the d_S most active coordinates, as Minitron prunes width) or
+    # "clone" (pca, then each layer's projections by least squares: LRC's clone objective solved)
+    init_std=0.02,  # std of LRC's projections (init "normal") and of from-scratch weights (kd, ...)
     alpha=0.5,  # weight of the clone loss
     temperature=40.0,  # of the KL (lrc, kd, tinybert)
     kl_reduction="batchmean",  # the official scaling; "token" = mean over tokens (lrc, kd, tinybert)
-    clone_norm="none",  # "target": each clone term / its target's mean square (scale-free; not in the paper)
-    clone_skip=0,  # leave the first positions of every window (the attention sink) out of the clone loss
-    # baselines (baselines.py): students from scratch (kd, tinybert, lm) or a fine-tuned HF model (sft)
-    student_config="",  # config.json (or HF dir) of the student; "": the teacher's with hidden_size d_student
-    init_from="",  # lm, sft, kd: train this HF dir (weights and tokenizer); required by sft; else from scratch
+    clone_norm="none",  # "target": each clone term / its target's mean square (not in the paper)
+    clone_skip=0,  # leave the first positions of every window (the attention sink) out of the clone
+    # baselines (baselines.py): students from scratch (kd, tinybert, lm) or a fine-tuned model (sft)
+    student_config="",  # config.json (or HF dir) of the student; "": the teacher's, d_student wide
+    init_from="",  # lm, sft, kd: train this HF dir (weights, tokenizer); required by sft
     alpha_kl=0.5,  # kd: L = alpha_kl * KL + (1 - alpha_kl) * LM
-    tinybert_hidden=1.0,  # tinybert: weight of the hidden-state MSE (through learned Linear(d_S -> d_T))
-    tinybert_attn=1.0,  # tinybert: weight of the attention-map MSE
     # batch
     batch_size=8,  # sequences per micro-batch per process
     block_size=256,  # tokens per sequence
-    grad_accum=1,  # micro-batches per optimizer step per process (derived from tokens_per_step when that is set)
-    tokens_per_step=0,  # > 0: tokens per optimizer step over all ranks, whatever the world size: grad_accum =
-    # tokens_per_step / (batch_size * block_size * ranks), an error if that is not a whole number
+    grad_accum=1,  # micro-batches per optimizer step per process (from tokens_per_step if set)
+    tokens_per_step=0,  # > 0: tokens per optimizer step over all ranks, whatever the world size:
+    # grad_accum = tokens_per_step / (batch_size * block_size * ranks), an error if not whole
     max_tokens=0,  # > 0: train on this many tokens (max_steps = max_tokens // tokens per step)
-    sampling="random",  # train windows: "random" (with replacement) or "epoch" (each packed window once per
-    # epoch in a seeded order, as the paper's one pass over its data; data.Batches)
+    sampling="random",  # train windows: "random" (with replacement) or "epoch" (each packed window
+    # once per epoch in a seeded order, as the paper's one pass over its data; data.Batches)
     # optimizer: Adam, warmup then decay (paper: linear)
     lr=6.7e-5,  # peak learning rate
     min_lr=0.0,  # learning rate at the end of the decay
@@ -82,10 +79,8 @@ DEFAULTS = dict(
     beta2=0.999,
     weight_decay=0.0,  # Adam's (L2) weight decay; the paper uses none
     grad_clip=1.0,  # clip the global gradient norm (0: off)
-    norm_lr_mult=1.0,  # learning rate of RMSNorm weights = lr * norm_lr_mult
-    max_steps=1000,  # optimizer steps (the lr schedule spans them); derived from max_tokens when that is set
+    max_steps=1000,  # optimizer steps (the lr schedule spans them); from max_tokens if set
     max_minutes=0.0,  # > 0: stop (evaluate, save, export) after this wall time
-    stop_at=0,  # > 0: save at this step and exit unexported, as a preemption would; --resume=True goes on
     # evaluation, logging, checkpoints
     eval_interval=200,  # steps between evaluations on the val split (and at the end)
     eval_batches=8,  # val batches per evaluation (fixed windows, the same every time)
@@ -94,10 +89,11 @@ DEFAULTS = dict(
     export_dtype="float32",  # dtype of the exported student
     # system
     device="auto",  # auto: cuda if available, else cpu
-    dtype="auto",  # auto: bfloat16 on cuda, float32 on cpu; bfloat16 = autocast with fp32 master weights
-    compile=False,  # torch.compile the training forward (minutes to compile on CPU, then ~2x faster)
-    checkpoint=False,  # LRC: activation checkpointing per (teacher, student) layer pair: less memory, more compute
-    zero=False,  # shard Adam's state over the ranks (torch's ZeroRedundancyOptimizer; the official code: ZeRO-2)
+    dtype="auto",  # auto: bfloat16 on cuda, else float32; bfloat16: autocast, fp32 master weights
+    compile=False,  # torch.compile the training forward (minutes to compile on CPU, then faster)
+    recompute=False,  # LRC: activation checkpointing per (teacher, student) layer pair: their
+    # activations are recomputed in the backward instead of kept (less memory, more compute)
+    zero=False,  # shard Adam's state over the ranks (ZeRO-1: torch's ZeroRedundancyOptimizer)
     seed=1337,  # initialisation and data order
 )
 
@@ -117,141 +113,45 @@ def setup_distributed(device):
     return dist.get_rank(), local_rank, dist.get_world_size(), device
 
 
-def resolve_device(device):
-    """'auto': cuda if available, else cpu. A device this machine lacks is an error naming --device, before
-    anything is loaded (not a traceback from deep inside pin_memory or the first .to())."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind, index = torch.device(device).type, torch.device(device).index
-    except RuntimeError:
-        raise ConfigError(f"--device={device} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        build = "" if torch.version.cuda else ", a CPU-only build"
-        raise ConfigError(f"--device={device}: CUDA is not available on this machine (torch {torch.__version__}"
-                          f"{build}): use --device=cpu, or auto")
-    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
-        raise ConfigError(f"--device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device={device}: MPS is not available on this machine: use --device=cpu, or auto")
-    if kind not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device={device}: only cpu, cuda and mps are supported")
-    return device
-
-
-def resolve_dtype(cfg, device):
-    """'auto': bfloat16 on cuda, float32 elsewhere."""
-    check_ranges(cfg, {}, {"dtype": ("auto", "float32", "bfloat16")})
-    return cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-
-
-def resolve_system(cfg):
-    """(device, dtype) of cfg; on CPU, memory is kept for reuse as well (keep_freed_memory)."""
-    device = resolve_device(cfg["device"])
-    if device == "cpu":
-        keep_freed_memory()
-    return device, resolve_dtype(cfg, device)
-
-
-def keep_freed_memory(mmap_below=1 << 26, trim_above=1 << 30):
-    """On glibc, keep freed memory in the process for reuse. A CPU step allocates and frees the same multi-MB
-    buffers many times (activations, the loss head's blocks), and glibc's defaults hand such buffers back to the
-    OS at every free (mmap above 128 KB to 32 MB, trimming above twice that), so each reuse faults its pages in
-    again. Measured on the issue-18 step (README, Speed and memory): bf16 eager 5.9-6.9 -> 5.0-5.7 s, fp32 13.4-13.5
-    -> 11.4-12.6 s. The cost: the process keeps its peak memory after a peak. Elsewhere (no glibc) nothing changes."""
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, mmap_below)  # M_MMAP_THRESHOLD: smaller blocks come from the heap, reused after free
-        libc.mallopt(-1, trim_above)  # M_TRIM_THRESHOLD: free memory at the heap's top is returned above this
-
-
 def check_config(cfg):
-    """The ranges of the settings train() reads (the batch's: resolve_batch; the method's: the model classes)."""
+    """The ranges of the settings train() reads (the batch's: resolve_batch; the method's: the model
+    classes)."""
     unit = (lambda v: 0 <= v < 1, "in [0, 1)")
     check_ranges(cfg, {
-        **dict.fromkeys(("eval_interval", "eval_batches", "log_interval", "ckpt_interval"), AT_LEAST_1),
-        **dict.fromkeys(("lr", "min_lr", "weight_decay", "grad_clip", "norm_lr_mult", "max_minutes", "stop_at",
-                         "tokens_per_step", "max_tokens", "alpha", "clone_skip", "init_std", "tinybert_hidden",
-                         "tinybert_attn"), NON_NEGATIVE),
-        "temperature": POSITIVE, "warmup_ratio": FRACTION, "alpha_kl": FRACTION, "beta1": unit, "beta2": unit,
-    }, {"decay": ("linear", "cosine"), "method": METHODS, "export_dtype": ("float32", "bfloat16", "float16")})
-
-
-def check_teacher(path):
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"teacher dir {path!r} does not exist: set --teacher=HF_DIR "
-                                "(for the demo teacher run python demo.py once)")
-
-
-METHODS = ("lrc", "kd", "tinybert", "lm", "sft")
-
-
-def tokenizer_dir(cfg):
-    """The HF dir whose tokenizer the data is prepared with and the export carries: init_from, else the teacher.
-    (.get: configs of checkpoints written before init_from existed lack it.)"""
-    return cfg.get("init_from") or cfg["teacher"]
-
-
-def build_model(cfg, device, dtype, calibration=None, load=False):
-    """The trainable module for cfg['method'] (lrc.py, baselines.py): forward(idx, targets) -> (loss, parts);
-    .teacher (None for lm, sft); .config; .student(); .export(). calibration: token ids for LRC's inits 'pca', 'prune',
-    'clone' (calibration_tokens). load: LRC's projections are left uninitialised, for a checkpoint's weights."""
-    method = cfg["method"]
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
-    if method in ("lm", "sft"):  # no teacher; fp32 master weights
-        if cfg["init_from"]:
-            return LMOnly(Transformer.from_pretrained(cfg["init_from"], device=device, dtype=torch.float32))
-        if method == "sft":
-            raise ValueError("method 'sft' fine-tunes a trained model: set --init_from=HF_DIR")
-        check_teacher(cfg["teacher"])  # from scratch: only the teacher's config.json and tokenizer are used
-        tc = ModelConfig.from_hf(read_json(os.path.join(cfg["teacher"], "config.json")))
-        with torch.device(device):
-            model = Transformer(student_config(tc, cfg["d_student"], cfg["student_config"]))
-        return LMOnly(model.init_weights(cfg["init_std"]))
-    check_teacher(cfg["teacher"])
-    # the teacher is frozen: held in the compute dtype (bf16 on GPU), no fp32 master copy needed
-    teacher = Transformer.from_pretrained(cfg["teacher"], device=device, dtype=getattr(torch, dtype))
-    if method == "kd":
-        start = Transformer.from_pretrained(cfg["init_from"], device=device, dtype=torch.float32) \
-            if cfg["init_from"] else None
-        return VanillaKD(teacher, student_config(teacher.config, cfg["d_student"], cfg["student_config"]),
-                         alpha_kl=cfg["alpha_kl"], temperature=cfg["temperature"],
-                         kl_reduction=cfg["kl_reduction"], init_std=cfg["init_std"], model=start)
-    if method == "tinybert":
-        return TinyBERT(teacher, student_config(teacher.config, cfg["d_student"], cfg["student_config"]),
-                        temperature=cfg["temperature"], kl_reduction=cfg["kl_reduction"],
-                        w_hidden=cfg["tinybert_hidden"], w_attn=cfg["tinybert_attn"], init_std=cfg["init_std"])
-    if method == "lrc":
-        terms = tuple(t for t in cfg["clone_terms"].split(",") if t)
-        with torch.device(device):
-            return LowRankClone(teacher, cfg["d_student"], clone_terms=terms, alpha=cfg["alpha"],
-                                temperature=cfg["temperature"], kl_reduction=cfg["kl_reduction"],
-                                alignment=cfg["alignment"], init_std=cfg["init_std"],
-                                init=None if load else cfg["init"],
-                                calibration=calibration, clone_norm=cfg["clone_norm"],
-                                clone_skip=cfg["clone_skip"], checkpoint_layers=cfg["checkpoint"])
+        **dict.fromkeys(("eval_interval", "eval_batches", "log_interval", "ckpt_interval"),
+                        AT_LEAST_1),
+        **dict.fromkeys(("lr", "min_lr", "weight_decay", "grad_clip", "max_minutes", "tokens_per_step",
+                         "max_tokens", "alpha", "clone_skip", "init_std"), NON_NEGATIVE),
+        "temperature": POSITIVE, "warmup_ratio": FRACTION, "alpha_kl": FRACTION,
+        "beta1": unit, "beta2": unit,
+    }, {"decay": ("linear", "cosine"), "method": METHODS,
+        "export_dtype": ("float32", "bfloat16", "float16")})
 
 
 def calibration_tokens(cfg, device, windows=32):
-    """Train windows for the inits that calibrate (lrc.CALIBRATED_INITS), the same on every rank (rank 0's first
-    micro-batches of step 0)."""
-    b = Batches(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], seed=cfg["seed"], device=device,
+    """Train windows for the inits that calibrate (lrc.CALIBRATED_INITS), the same on every rank
+    (rank 0's first micro-batches of step 0)."""
+    b = Batches(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], seed=cfg["seed"],
+                device=device,
                 sampling=cfg["sampling"])
-    return torch.cat([b.get_batch("train", 0, m)[0] for m in range(-(-windows // cfg["batch_size"]))])
+    n_micro = -(-windows // cfg["batch_size"])
+    return torch.cat([b.get_batch("train", 0, m)[0] for m in range(n_micro)])
 
 
 def resolve_batch(cfg, world):
-    """(cfg with grad_accum and max_steps derived from the token budget, tokens per step). With tokens_per_step
-    and max_tokens a recipe trains the same global batch and the same tokens on any number of ranks."""
-    check_ranges(cfg, dict.fromkeys(("batch_size", "block_size", "grad_accum", "max_steps"), AT_LEAST_1))
+    """(cfg with grad_accum and max_steps derived from the token budget, tokens per step). With
+    tokens_per_step and max_tokens a recipe trains the same global batch and the same tokens on any
+    number of ranks."""
+    check_ranges(cfg, dict.fromkeys(("batch_size", "block_size", "grad_accum", "max_steps"),
+                                    AT_LEAST_1))
     cfg = dict(cfg)
     per_micro = cfg["batch_size"] * cfg["block_size"] * world  # one micro-batch on every rank
     if cfg["tokens_per_step"] > 0:
         if cfg["tokens_per_step"] % per_micro:
-            raise ValueError(f"tokens_per_step {cfg['tokens_per_step']:,} is not a multiple of batch_size x "
-                             f"block_size x ranks = {cfg['batch_size']} x {cfg['block_size']} x {world}: choose a "
-                             "batch_size or a number of processes that divides it")
+            raise ValueError(f"tokens_per_step {cfg['tokens_per_step']:,} is not a multiple of "
+                             f"batch_size x block_size x ranks = {cfg['batch_size']} x "
+                             f"{cfg['block_size']} x {world}: choose a batch_size or a number of "
+                             "processes that divides it")
         cfg["grad_accum"] = cfg["tokens_per_step"] // per_micro
     tokens_per_step = per_micro * cfg["grad_accum"]
     if cfg["max_tokens"] > 0:
@@ -260,8 +160,9 @@ def resolve_batch(cfg, world):
 
 
 def all_reduce_mean(tensors, world):
-    """Average tensors over ranks in place, as one flat buffer (one collective per step). Plain all-reduce
-    rather than DDP: with one projection pass per step the gradients only exist at the end of it anyway."""
+    """Average tensors over ranks in place, as one flat buffer (one collective per step). Plain
+    all-reduce rather than DDP: with one projection pass per step the gradients only exist at the
+    end of it anyway."""
     flat = torch.cat([t.flatten() for t in tensors])
     dist.all_reduce(flat)
     flat /= world
@@ -270,8 +171,9 @@ def all_reduce_mean(tensors, world):
 
 
 def stop_everywhere(stop: bool, device) -> bool:
-    """True on every rank if it is True on any: each rank reads its own clock, and all ranks must enter the
-    same collective next (an evaluation's or the gradients' all-reduce), or the run hangs."""
+    """True on every rank if it is True on any: each rank reads its own clock, and all ranks must
+    enter the same collective next (an evaluation's or the gradients' all-reduce), or the run
+    hangs."""
     if not dist.is_initialized():
         return stop
     flag = torch.tensor([float(stop)], device=device)
@@ -280,29 +182,29 @@ def stop_everywhere(stop: bool, device) -> bool:
 
 
 def make_optimizer(model, cfg):
-    """Adam over every trainable parameter; RMSNorm weights in a group of their own (lr * norm_lr_mult).
-    zero: each rank keeps the Adam state of its shard of the parameters only and broadcasts its updated
-    shard (ZeroRedundancyOptimizer), for when replicated state does not fit."""
-    norms = {id(p) for m in model.modules() if isinstance(m, RMSNorm) for p in m.parameters()}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in norms], "lr_mult": 1.0},
-              {"params": [p for p in model.parameters() if id(p) in norms], "lr_mult": cfg["norm_lr_mult"]}]
+    """Adam over every trainable parameter. zero: each rank keeps the Adam state of its shard of the
+    parameters only and broadcasts its updated shard (ZeroRedundancyOptimizer), for when replicated
+    state does not fit."""
     adam = dict(lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), weight_decay=cfg["weight_decay"])
     if cfg["zero"] and dist.is_initialized():
-        from torch.distributed.optim import ZeroRedundancyOptimizer  # imported here: its import costs ~1 s
-        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.Adam, **adam)
-    return torch.optim.Adam(groups, **adam)
+        # imported here: its import costs ~1 s
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        return ZeroRedundancyOptimizer(list(model.parameters()), optimizer_class=torch.optim.Adam,
+                                       **adam)
+    return torch.optim.Adam(model.parameters(), **adam)
 
 
 def optimizer_state(optimizer):
-    """The whole optimizer state on rank 0, None elsewhere. A sharded (zero) optimizer gathers it first:
-    a collective, so every rank calls this."""
+    """The whole optimizer state on rank 0, None elsewhere. A sharded (zero) optimizer gathers it
+    first: a collective, so every rank calls this."""
     if hasattr(optimizer, "consolidate_state_dict"):  # ZeroRedundancyOptimizer
         optimizer.consolidate_state_dict(to=0)
     return optimizer.state_dict() if not dist.is_initialized() or dist.get_rank() == 0 else None
 
 
 def lr_at(step, cfg):
-    """Linear warmup over warmup_ratio * max_steps, then linear (paper) or cosine decay to min_lr."""
+    """Linear warmup over warmup_ratio * max_steps, then linear (paper) or cosine decay to
+    min_lr."""
     warmup = max(1, round(cfg["warmup_ratio"] * cfg["max_steps"]))
     if step < warmup:
         return cfg["lr"] * (step + 1) / warmup
@@ -312,15 +214,17 @@ def lr_at(step, cfg):
 
 
 def flops_per_token(model, block_size):
-    """Training FLOPs per token, the teacher's forward included: 6 N for the student (forward + backward),
-    2 N for the teacher, plus attention scores over a causal context of block_size / 2 on average; LRC's
-    per-step weight generation is left out (it is not per token, and small once the batch is large)."""
+    """Training FLOPs per token, the teacher's forward included: 6 N for the student (forward +
+    backward), 2 N for the teacher, plus attention scores over a causal context of block_size / 2 on
+    average; LRC's per-step weight generation is left out (it is not per token, and small once the
+    batch is large)."""
     def dense(cfg):
         L, C, hd = cfg.num_hidden_layers, cfg.hidden_size, cfg.head_dim
         attn = C * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
         return L * (attn + 3 * C * cfg.intermediate_size) + C * cfg.vocab_size
     s, t = model.config, model.teacher
-    attn_scores = 2 * s.num_hidden_layers * s.num_attention_heads * s.head_dim  # per token per context position
+    # per token per context position
+    attn_scores = 2 * s.num_hidden_layers * s.num_attention_heads * s.head_dim
     if t is None:  # lm, sft
         return 6 * (dense(s) + attn_scores * block_size / 2)
     return 6 * dense(s) + 2 * dense(t.config) + (6 + 2) * attn_scores * block_size / 2
@@ -330,8 +234,8 @@ def flops_per_token(model, block_size):
 # evaluation and checkpoints
 
 def xy(batch):
-    """(x, y) of a Batches.get_batch batch; where the data has a loss mask (SFT), y is -100 where it is 0,
-    so that every loss averages over the masked-in (assistant) tokens only."""
+    """(x, y) of a Batches.get_batch batch; where the data has a loss mask (SFT), y is -100 where it
+    is 0, so that every loss averages over the masked-in (assistant) tokens only."""
     x, y, *mask = batch
     return x, (y.masked_fill(~mask[0], -100) if mask else y)
 
@@ -363,8 +267,8 @@ def evaluate(model, batches, n_batches, autocast):
 
 
 def val_sums(h_s, w_s, h_t, w_t, y):
-    """Sums over tokens, in fp32, chunk by chunk: student NLL, [teacher NLL, KL(p_T || p_S), top-1 agreement,]
-    targets counted (y != -100), [tokens]."""
+    """Sums over tokens, in fp32, chunk by chunk: student NLL, [teacher NLL, KL(p_T || p_S), top-1
+    agreement,] targets counted (y != -100), [tokens]."""
     out, chunk = [], head_chunk(w_s.shape[0], y.device)
     for i in range(0, len(y), chunk):
         j = i + chunk
@@ -383,71 +287,36 @@ def val_sums(h_s, w_s, h_t, w_t, y):
     return torch.stack(out).sum(0)
 
 
-def save_checkpoint(path, model, optimizer_state, step, cfg):
-    """Write to a temporary file, then rename: a crash mid-write never replaces the last good checkpoint."""
-    state = {"model": model.state_dict(), "optimizer": optimizer_state, "step": step, "config": cfg,
-             "rng": torch.get_rng_state()}
-    with open(path + ".tmp", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename, so a power loss cannot leave an empty ckpt.pt
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path):
-    """The checkpoint dict of a training run (path: ckpt.pt or the out_dir holding it), on the CPU: weights are
-    copied to the model's device by load_state_dict, the optimizer's state by its load_state_dict, and the RNG
-    state must be a CPU tensor. weights_only: a checkpoint from elsewhere can hold data, never code."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); it is left as it is: "
-                           "move it away and resume from an earlier copy, or start a new out_dir") from e
-
-
-def load_student(path, device="cpu"):
-    """The trained student as a model.Transformer, from a training checkpoint (teacher + projections)."""
-    ckpt = load_checkpoint(path)
-    cfg = ckpt["config"]
-    for key in ("teacher", "init_from"):  # the student is rebuilt from the dirs its run was given
-        if cfg.get(key) and not os.path.isdir(cfg[key]):
-            raise FileNotFoundError(f"{path}: the {key} dir of this run, {cfg[key]!r}, is gone; the student is "
-                                    "built from it: put it back, or use the run's exported student/")
-    model = build_model(cfg, device, "float32", load=True)
-    model.load_state_dict(ckpt["model"])
-    return model.student(), cfg
-
-
 # -----------------------------------------------------------------------------
 # the loop
 
 def train_step(raw, fwd, optimizer, batches, step, cfg, world, autocast):
     """One optimizer step: grad_accum micro-batches, gradients averaged over ranks, clipped, Adam.
-    LRC generates the student's weights once for all micro-batches (accumulate), so gradients reach the
-    projections, and are averaged over ranks, once per step. Returns (lr, mean loss parts, grad norm)."""
+    LRC generates the student's weights once for all micro-batches (lrc.LowRankClone.accumulate), so
+    gradients reach the projections, and are averaged over ranks, once per step; the baselines have
+    no generated weights (their accumulate gives None). Returns (lr, mean loss parts, grad norm)."""
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_mult"]
+        group["lr"] = lr
     parts_sum = {}
-    with autocast, raw.accumulate():
+    with autocast, raw.accumulate() as weights:
         for micro in range(cfg["grad_accum"]):
-            x, y = xy(batches.get_batch("train", step, micro))  # SFT: targets -100 outside the loss mask
-            loss, parts = fwd(x, y)
+            # SFT: targets -100 outside the loss mask
+            x, y = xy(batches.get_batch("train", step, micro))
+            loss, parts = fwd(x, y) if weights is None else fwd(x, y, weights)
             (loss / cfg["grad_accum"]).backward()
             for k, v in {"loss": loss.detach(), **parts}.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v.float() / cfg["grad_accum"]
-    if world > 1:  # mean over ranks of the gradients and the losses (the log shows the global batch,
+    # mean over ranks of the gradients and the losses (the log shows the global batch,
+    if world > 1:
         parts = torch.stack(list(parts_sum.values()))  # and a NaN on any rank stops every rank)
         all_reduce_mean([p.grad for p in raw.parameters() if p.grad is not None] + [parts], world)
         parts_sum = dict(zip(parts_sum, parts))
     if not all(torch.isfinite(v) for v in parts_sum.values()):
         bad = {k: v.item() for k, v in parts_sum.items() if not torch.isfinite(v)}
-        raise FloatingPointError(f"step {step}: non-finite loss {bad}; stopped without saving, the last good "
-                                 f"checkpoint in {cfg['out_dir']} is untouched: resume with a lower lr")
+        raise FloatingPointError(f"step {step}: non-finite loss {bad}; stopped without saving, the "
+                                 f"last good checkpoint in {cfg['out_dir']} is untouched: resume "
+                                 "with a lower lr")
     grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -455,10 +324,12 @@ def train_step(raw, fwd, optimizer, batches, step, cfg, world, autocast):
 
 
 def preflight(cfg):
-    """Every check that needs no file read: ranges, the device, and that a new run would not overwrite a
-    checkpoint. (device, dtype). Run first, so a bad setting is refused at once (demo.py: before it converts)."""
+    """Every check that needs no file read: ranges, the device, and that a new run would not
+    overwrite a checkpoint. (device, dtype). Run first, so a bad setting is refused at once
+    (demo.py: before it converts)."""
     check_config(cfg)
-    resolve_batch(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # its checks; train() resolves after DDP setup
+    # its checks; train() resolves after DDP setup
+    resolve_batch(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     if cfg["clone_skip"] >= cfg["block_size"]:
         raise ConfigError(f"--clone_skip={cfg['clone_skip']}: must be below block_size {cfg['block_size']}, or "
                           "no position is left for the clone loss")
@@ -479,22 +350,28 @@ def train(cfg):
     master = rank == 0
     torch.manual_seed(cfg["seed"])  # same initial projections on every rank
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
+    bf16 = dtype == "bfloat16"
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
     log = print if master else (lambda *a, **k: None)
 
     if not cfg["init_from"]:
         check_teacher(cfg["teacher"])
     tokenizer = load_tokenizer(tokenizer_dir(cfg))
     check_compatible(cfg["data_dir"], tokenizer, cfg["block_size"])
-    batches = Batches(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], seed=cfg["seed"], rank=rank,
-                      world_size=world, device=device, sampling=cfg["sampling"], grad_accum=cfg["grad_accum"])
-    calibrate = cfg["method"] == "lrc" and cfg["init"] in CALIBRATED_INITS and not cfg["resume"]  # resume: from ckpt.pt
-    model = build_model(cfg, device, dtype, calibration_tokens(cfg, device) if calibrate else None, load=cfg["resume"])
+    batches = Batches(cfg["data_dir"], cfg["batch_size"], cfg["block_size"], seed=cfg["seed"],
+                      rank=rank, world_size=world, device=device, sampling=cfg["sampling"],
+                      grad_accum=cfg["grad_accum"])
+    # resume: from ckpt.pt
+    calibrate = cfg["method"] == "lrc" and cfg["init"] in CALIBRATED_INITS and not cfg["resume"]
+    calibration = calibration_tokens(cfg, device) if calibrate else None
+    model = build_model(cfg, device, dtype, calibration, load=cfg["resume"])
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
-                         f"{model.config.vocab_size} rows: tokenizer and weights do not belong together")
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding "
+                         f"only {model.config.vocab_size} rows: tokenizer and weights do not belong "
+                         "together")
     if cfg["method"] == "sft" and not batches.meta["mask"]:
-        raise ValueError(f"method 'sft' learns assistant tokens only: prepare {cfg['data_dir']} with data.py --mask")
+        raise ValueError("method 'sft' learns assistant tokens only: prepare "
+                         f"{cfg['data_dir']} with data.py --mask=True")
     optimizer = make_optimizer(model, cfg)
     os.makedirs(cfg["out_dir"], exist_ok=True)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
@@ -503,15 +380,17 @@ def train(cfg):
         ckpt = load_checkpoint(ckpt_path)
         changed = {k: (ckpt["config"].get(k), v) for k, v in cfg.items()
                    if ckpt["config"].get(k) != v and k != "resume"}
-        for k in ("teacher", "method", "d_student", "clone_terms", "alignment", "student_config", "init_from",
-                  "data_dir", "seed", "sampling"):
+        for k in ("teacher", "method", "d_student", "clone_terms", "alignment", "student_config",
+                  "init_from", "data_dir", "seed", "sampling"):
             if k in changed:
-                raise ValueError(f"--resume: {k} was {changed[k][0]!r} in the checkpoint, now {changed[k][1]!r}")
+                raise ValueError(f"--resume: {k} was {changed[k][0]!r} in the checkpoint, "
+                                 f"now {changed[k][1]!r}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
         step = ckpt["step"]
-        log(f"resumed from {ckpt_path} at step {step}" + (f"; changed: {changed}" if changed else ""))
+        log(f"resumed from {ckpt_path} at step {step}"
+            + (f"; changed: {changed}" if changed else ""))
     raw = model
     if world > 1:  # every rank starts from rank 0's parameters (they are equal already: same seed)
         for p in model.parameters():
@@ -525,7 +404,8 @@ def train(cfg):
     log(f"{tokens_per_step:,} tokens per step ({world} ranks x {cfg['grad_accum']} micro-batches x "
         f"{cfg['batch_size']} x {cfg['block_size']}), {tokens_per_step * cfg['max_steps']:,} in {cfg['max_steps']} steps")
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
-    if master and step > 0 and os.path.exists(metrics_path):  # drop rows a killed run wrote past its checkpoint
+    # drop rows a killed run wrote past its checkpoint
+    if master and step > 0 and os.path.exists(metrics_path):
         with open(metrics_path) as f:  # a line cut short by the kill is dropped too
             kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
         with open(metrics_path, "w") as f:
@@ -537,29 +417,35 @@ def train(cfg):
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
 
+    # A test hook, outside the config: NANOLRC_STOP_AT=N saves at step N and exits unexported, as a
+    # preemption would; --resume=True goes on from there.
+    stop_at = int(os.environ.get("NANOLRC_STOP_AT", 0))
     t_start, t_last, start_step = time.time(), time.time(), step
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master or not sys.stderr.isatty())
     while True:
-        out_of_time = cfg["max_minutes"] > 0 and stop_everywhere(time.time() - t_start > 60 * cfg["max_minutes"],
-                                                                 device)
+        timed_out = time.time() - t_start > 60 * cfg["max_minutes"]
+        out_of_time = cfg["max_minutes"] > 0 and stop_everywhere(timed_out, device)
         last = step >= cfg["max_steps"] or out_of_time
         # stop_at acts like a preemption: save and exit, leaving this step's eval to the resumed run
-        stop = not last and 0 < cfg["stop_at"] <= step
+        stop = not last and 0 < stop_at <= step
         if (step % cfg["eval_interval"] == 0 or last) and not stop:
             ev = evaluate(raw, batches, cfg["eval_batches"], autocast)
             bar.write(f"step {step}: val loss {ev['val_loss']:.4f}" + (
                 f" (teacher {ev['teacher_val_loss']:.4f}) | KL {ev['val_kl']:.4f} | agreement "
                 f"{ev['val_agreement']:.1%}" if "val_kl" in ev else "")) if master else None
             record({"step": step, "tokens": step * tokens_per_step, **ev})
-        # not at the step the run started from: step 0 is untrained, and a resumed checkpoint is already on disk
+        # not at the step the run started from: step 0 is untrained, and a resumed checkpoint is
+        # already on disk
         if step > start_step and (step % cfg["ckpt_interval"] == 0 or last or stop):
-            state = optimizer_state(optimizer)  # every rank: a sharded optimizer gathers its state on rank 0
+            # every rank: a sharded optimizer gathers its state on rank 0
+            state = optimizer_state(optimizer)
             if master:
                 save_checkpoint(ckpt_path, raw, state, step, cfg)
         if last or stop:
             break
 
-        lr, parts_sum, grad_norm = train_step(raw, fwd, optimizer, batches, step, cfg, world, autocast)
+        lr, parts_sum, grad_norm = train_step(raw, fwd, optimizer, batches, step, cfg, world,
+                                              autocast)
         step += 1
         bar.update(1)
 
@@ -567,7 +453,8 @@ def train(cfg):
             dt, t_last = time.time() - t_last, time.time()
             steps_done = cfg["log_interval"]
             tps = steps_done * tokens_per_step / dt
-            mfu = steps_done * flops_per_step / dt / peak_flops(device) if peak_flops(device) else float("nan")
+            peak = peak_flops(device)
+            mfu = steps_done * flops_per_step / dt / peak if peak else float("nan")
             eta = (cfg["max_steps"] - step) * dt / steps_done
             row = {"step": step, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tps, "mfu": mfu,
                    **{k: v.item() for k, v in parts_sum.items()}}
@@ -579,11 +466,14 @@ def train(cfg):
                       (f" | peak mem {mem:.1f} GiB" if mem else "") + f" | ETA {eta / 60:.1f} min")
     bar.close()
     if stop:
-        log(f"stopped at step {step} (stop_at): {ckpt_path} saved; continue with --resume=True")
+        log(f"stopped at step {step} (NANOLRC_STOP_AT): {ckpt_path} saved; continue with "
+            "--resume=True")
     elif master:
         student_dir = os.path.join(cfg["out_dir"], "student")
-        raw.export(student_dir, dtype=getattr(torch, cfg["export_dtype"]), tokenizer_dir=tokenizer_dir(cfg))
-        log(f"exported the student to {student_dir} after {step} steps ({step * tokens_per_step:,} tokens)")
+        raw.export(student_dir, dtype=getattr(torch, cfg["export_dtype"]),
+                   tokenizer_dir=tokenizer_dir(cfg))
+        log(f"exported the student to {student_dir} after {step} steps "
+            f"({step * tokens_per_step:,} tokens)")
     if master:
         metrics.close()
     if dist.is_initialized():

@@ -1,16 +1,18 @@
-# The CPU demo (python demo.py): SmolLM2-135M-Instruct (d_T 576) -> a width-288 student on the teacher's own text
-# (190k tokens, two thirds of the corpus) and the first 100k tokens of the King James Bible.
-# demo.py sets teacher and data_dir; 288 = 32 x 9 heads, so transformers 5 loads the exported Llama student too.
+# The CPU demo (python demo.py): SmolLM2-135M-Instruct (d_T 576) -> a width-288 student on the
+# teacher's own text (190k tokens, two thirds of the corpus) and the first 100k tokens of the King
+# James Bible. demo.py sets teacher and data_dir; 288 = 32 x 9 heads, so transformers 5 loads the
+# exported Llama student too.
 out_dir = "out/demo"
 d_student = 288
 batch_size = 8
 block_size = 256
 grad_accum = 1
-# Not the paper's settings (README, Demo quality; the paper configs keep the paper's): the student starts as LRC's
-# own clone objective solved in closed form on 32 train windows (init "clone": least squares per layer from the
-# teacher's top-288 residual directions), so the lr is small and warmed up, and from there KL at T=1 per token + LM
-# learned fastest; the clone loss cost 0.2 nats at equal tokens from the pca start (README, Distillation efficiency),
-# and from the clone start (alpha 0.02) it ends level at equal wall time (README, Demo quality).
+# Not the paper's settings (results/demo.md; the paper configs keep the paper's): the student starts
+# as LRC's own clone objective solved in closed form on 32 train windows (init "clone": least
+# squares per layer from the teacher's top-288 residual directions), so the lr is small and warmed
+# up, and from there KL at T=1 per token + LM learned fastest; the clone loss cost 0.2 nats at equal
+# tokens from the pca start (results/efficiency.md), and from the clone start (alpha 0.02) it ends
+# level at equal wall time (results/demo.md).
 init = "clone"
 lr = 3e-5
 warmup_ratio = 0.1

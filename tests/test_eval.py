@@ -212,10 +212,11 @@ def test_bad_inputs_are_one_line_errors(hf_dir, task_dir, tmp_path, capsys):
 
 
 def test_training_checkpoint_evaluates_as_its_export(hf_dir, task_dir, tmp_path):
+    import common
     import train
     c = {**train.DEFAULTS, "teacher": hf_dir, "d_student": 32, "out_dir": str(tmp_path)}
     torch.manual_seed(0)
-    lrc = train.build_model(c, "cpu", "float32")
+    lrc = common.build_model(c, "cpu", "float32")
     torch.save({"model": lrc.state_dict(), "config": c, "step": 0}, tmp_path / "ckpt.pt")
     argv = ["--tasks=tiny_mc", f"--include_path={task_dir}", "--limit=6", f"--output_path={tmp_path / 'r.json'}"]
     from_ckpt = ev.main([f"--model={tmp_path / 'ckpt.pt'}"] + argv)["lm_eval"]["student"]["results"]

@@ -424,9 +424,9 @@ def test_one_projection_pass_equals_per_micro_batch(name):
         (lrc(idx, tgt)[0] / 3).backward()
     ref = [p.grad.clone() for p in lrc.parameters()]
     lrc.zero_grad(set_to_none=True)
-    with lrc.accumulate():
+    with lrc.accumulate() as weights:
         for idx, tgt in micro:
-            (lrc(idx, tgt)[0] / 3).backward()
+            (lrc(idx, tgt, weights)[0] / 3).backward()
         # nothing reached the weight-generating path of P yet (only the clone targets' t_acts @ P_o, P_down)
         assert lrc.p_emb.grad is None and lrc.proj[0]["q"].grad is None and lrc.proj[0]["gate"].grad is None
     for (n, p), r in zip(lrc.named_parameters(), ref):  # fp32 sums in another order: atol relative to the scale
@@ -435,7 +435,7 @@ def test_one_projection_pass_equals_per_micro_batch(name):
 
 def test_activation_checkpointing_is_exact():
     teacher = tiny_teacher("qwen2_tied_bias")
-    plain, ckpt = LowRankClone(teacher, 20), LowRankClone(teacher, 20, checkpoint_layers=True)
+    plain, ckpt = LowRankClone(teacher, 20), LowRankClone(teacher, 20, recompute=True)
     ckpt.load_state_dict(plain.state_dict())
     idx, tgt = batch()
     a, b = plain(idx, tgt)[0], ckpt(idx, tgt)[0]
@@ -561,9 +561,9 @@ def test_bf16_accumulation_sums_in_fp32():
     micro = [batch(seed) for seed in range(1, 9)]
 
     def grad_sums(batches):
-        with torch.autocast("cpu", dtype=torch.bfloat16), lrc.accumulate():
+        with torch.autocast("cpu", dtype=torch.bfloat16), lrc.accumulate() as weights:
             for idx, tgt in batches:
-                lrc(idx, tgt)[0].backward()
+                lrc(idx, tgt, weights)[0].backward()
             sums = [g.clone() for g in lrc.grad_sums if g is not None]
         lrc.zero_grad(set_to_none=True)
         return sums

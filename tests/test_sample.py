@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sample
+import common
 import train
 from tokenizer import load_tokenizer
 
@@ -141,7 +142,7 @@ def test_default_is_the_newest_student(tiny_model_dir, tmp_path, monkeypatch, ca
 def test_training_checkpoint_samples_as_its_export(tiny_model_dir, tmp_path, capsys):
     c = {**train.DEFAULTS, "teacher": tiny_model_dir, "d_student": 32, "out_dir": str(tmp_path)}
     torch.manual_seed(0)
-    lrc = train.build_model(c, "cpu", "float32")
+    lrc = common.build_model(c, "cpu", "float32")
     torch.save({"model": lrc.state_dict(), "config": c, "step": 0}, tmp_path / "ckpt.pt")
     argv = ["--prompt=the world", "--temperature=0", "--max_new_tokens=12"]
     assert sample.resolve_model(str(tmp_path)) == str(tmp_path)  # no student/ yet: the checkpoint

@@ -20,6 +20,7 @@ import sys
 import pytest
 import torch
 
+import common
 import train
 from data import prepare
 from model import Transformer
@@ -30,11 +31,15 @@ TIMING = ("tokens_per_s", "mfu")  # wall-clock fields of metrics.jsonl: the only
 HALF = 3  # config/tiny.py: max_steps 6, checkpoints and evals every 3 steps
 
 
-def train_py(*args, nproc=1):
-    """Run `python train.py config/tiny.py ARGS` (or torchrun with nproc ranks) from the repo root."""
+def train_py(*args, nproc=1, stop_at=0):
+    """Run `python train.py config/tiny.py ARGS` (or torchrun with nproc ranks) from the repo root;
+    stop_at > 0: saved at that step and exited, as a preemption would (train.py's NANOLRC_STOP_AT)."""
     launch = [sys.executable] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in every run: bit-exact comparisons
+    env.pop("NANOLRC_STOP_AT", None)
+    if stop_at:
+        env["NANOLRC_STOP_AT"] = str(stop_at)
     return subprocess.run([*launch, "train.py", "config/tiny.py", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -57,26 +62,26 @@ def tiny_data(tiny_teacher, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def runs(tiny_teacher, tiny_data, tmp_path_factory):
-    """runs(*args, nproc=1) -> out_dir of a successful run with these arguments, run once per session.
-    Tests that change an out_dir (resume) work on a copy."""
+    """runs(*args, nproc=1, stop_at=0) -> out_dir of a successful run with these arguments, run once per
+    session. Tests that change an out_dir (resume) work on a copy."""
     root, done = tmp_path_factory.mktemp("runs"), {}
 
-    def run(*args, nproc=1):
-        if (args, nproc) not in done:
+    def run(*args, nproc=1, stop_at=0):
+        if (args, nproc, stop_at) not in done:
             out = str(root / f"run{len(done)}")
             r = train_py(f"--teacher={tiny_teacher}", f"--data_dir={tiny_data}", f"--out_dir={out}", *args,
-                         nproc=nproc)
+                         nproc=nproc, stop_at=stop_at)
             assert r.returncode == 0, r.stderr[-3000:]
-            done[args, nproc] = out
-        return done[args, nproc]
+            done[args, nproc, stop_at] = out
+        return done[args, nproc, stop_at]
     return run
 
 
 @pytest.fixture
 def halfway(runs, tmp_path):
-    """A copy of a run stopped at step HALF of 6 (stop_at, as a preemption would): ckpt.pt, no export."""
+    """A copy of a run stopped at step HALF of 6 (as a preemption would): ckpt.pt, no export."""
     out = str(tmp_path / "out")
-    shutil.copytree(runs(f"--stop_at={HALF}"), out)
+    shutil.copytree(runs(stop_at=HALF), out)
     return out
 
 
@@ -120,7 +125,7 @@ def check_export(out):
     """out_dir/student is an HF dir whose logits equal those of the student rebuilt from ckpt.pt."""
     student_dir = os.path.join(out, "student")
     exported = Transformer.from_pretrained(student_dir)
-    rebuilt, cfg = train.load_student(out)
+    rebuilt, cfg = common.load_student(out)
     assert exported.config.hidden_size == cfg["d_student"] == 16
     idx = torch.randint(0, 271, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -202,10 +207,11 @@ def test_resume_is_exact(runs, halfway, tiny_teacher, tiny_data):
 KILLED_SAVE = r"""
 import io, os, sys, time
 import torch
+import common
 import train
 out = sys.argv[1]
-ck = train.load_checkpoint(out)
-model = train.build_model(ck["config"], "cpu", "float32")
+ck = common.load_checkpoint(out)
+model = common.build_model(ck["config"], "cpu", "float32")
 model.load_state_dict(ck["model"])
 optimizer = train.make_optimizer(model, ck["config"])
 optimizer.load_state_dict(ck["optimizer"])
@@ -218,7 +224,7 @@ def stalled_save(obj, f):
     print("half written", flush=True)
     time.sleep(300)
 torch.save = stalled_save
-train.save_checkpoint(os.path.join(out, "ckpt.pt"), model, optimizer, ck["step"] + 1, ck["config"])
+common.save_checkpoint(os.path.join(out, "ckpt.pt"), model, optimizer, ck["step"] + 1, ck["config"])
 """
 
 
@@ -235,7 +241,7 @@ def test_kill_during_checkpoint_write(runs, halfway, tiny_teacher, tiny_data):
         p.communicate()
     # the half-written file is the temporary one; the checkpoint is the one from before
     with pytest.raises(ValueError, match="unreadable"):
-        train.load_checkpoint(path + ".tmp")
+        common.load_checkpoint(path + ".tmp")
     assert file_state(path) == before
     r = resume(halfway, tiny_teacher, tiny_data)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -320,12 +326,12 @@ def test_new_run_never_overwrites_a_checkpoint(runs, halfway, tiny_teacher, tiny
 
 
 def test_cpu_buffers_are_reused_without_page_faults():
-    """On CPU, train.resolve_system keeps freed memory for reuse (train.keep_freed_memory): allocating and freeing
+    """On CPU, common.resolve_system keeps freed memory for reuse (common.keep_freed_memory): allocating and freeing
     the same two 40 MB buffers 10 times faults their pages in once, not at every round as with glibc's defaults
     (blocks above 32 MB are always mmapped, and unmapped at free). Counted by the OS (minor page faults of the
     process), in a fresh process, since the setting is process-wide."""
     code = """
-import resource, torch, train
+import resource, torch, common
 def faults():
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(10):
@@ -333,7 +339,7 @@ def faults():
         del xs
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 before = faults()
-train.resolve_system({"device": "cpu", "dtype": "float32"})
+common.resolve_system({"device": "cpu", "dtype": "float32"})
 faults()  # the first round after the change maps the memory once more
 print(before, faults())
 """
