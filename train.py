@@ -34,6 +34,7 @@ from configurator import (AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, ConfigEr
 from data import Batches, check_compatible
 from losses import head_chunk
 from lrc import CALIBRATED_INITS, CLONE_TERMS
+from model import RMSNorm
 from tokenizer import load_tokenizer
 
 DEFAULTS = dict(
@@ -200,6 +201,21 @@ def optimizer_state(optimizer):
     if hasattr(optimizer, "consolidate_state_dict"):  # ZeroRedundancyOptimizer
         optimizer.consolidate_state_dict(to=0)
     return optimizer.state_dict() if not dist.is_initialized() or dist.get_rank() == 0 else None
+
+
+def one_group(state, model):
+    """An optimizer state saved with the RMSNorm weights in a second group (checkpoints of nanoLRC
+    before its single group), renumbered for the single group, so that those runs resume; any other
+    state as it is."""
+    if len(state["param_groups"]) != 2:
+        return state
+    params = list(model.parameters())
+    norms = {id(p) for m in model.modules() if isinstance(m, RMSNorm) for p in m.parameters()}
+    saved = [p for p in params if id(p) not in norms] + [p for p in params if id(p) in norms]
+    index = {id(p): j for j, p in enumerate(params)}
+    group = {k: v for k, v in state["param_groups"][0].items() if k not in ("params", "lr_mult")}
+    return {"state": {index[id(saved[i])]: s for i, s in state["state"].items()},
+            "param_groups": [{**group, "params": list(range(len(params)))}]}
 
 
 def lr_at(step, cfg):
@@ -386,7 +402,7 @@ def train(cfg):
                 raise ValueError(f"--resume: {k} was {changed[k][0]!r} in the checkpoint, "
                                  f"now {changed[k][1]!r}")
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(one_group(ckpt["optimizer"], model))
         torch.set_rng_state(ckpt["rng"])
         step = ckpt["step"]
         log(f"resumed from {ckpt_path} at step {step}"

@@ -347,3 +347,40 @@ print(before, faults())
     before, after = map(int, r.stdout.split())
     assert before > 9 * 2 * 10240, (before, after)  # glibc's defaults: each round faults its 2 x 10,240 pages in
     assert after < before / 20, (before, after)
+
+
+
+def test_a_checkpoint_with_the_norms_in_a_second_optimizer_group_resumes():
+    """Checkpoints written when Adam kept the RMSNorm weights in a group of their own (after the
+    other parameters) load into today's single group: the same state per parameter, and the next
+    step gives the weights the old optimizer's next step gives."""
+    import copy
+    from model import RMSNorm
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), RMSNorm(8, 1e-6), torch.nn.Linear(8, 4))
+    norm = set(model[1].parameters())
+    old = torch.optim.Adam([{"params": [p for p in model.parameters() if p not in norm], "lr_mult": 1.0},
+                            {"params": list(norm), "lr_mult": 1.0}], lr=1e-2)
+    x = torch.randn(16, 8)
+
+    def step(optimizer):
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for _ in range(2):
+        step(old)
+    saved = copy.deepcopy(old.state_dict())
+    new = train.make_optimizer(model, {**train.DEFAULTS, "lr": 1e-2})
+    new.load_state_dict(train.one_group(saved, model))
+    for p in model.parameters():
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(new.state[p][k], old.state[p][k]), k
+    start = [p.detach().clone() for p in model.parameters()]
+    step(old)
+    by_old = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), start):
+            p.copy_(s)
+    step(new)
+    assert all(torch.equal(p, o) for p, o in zip(model.parameters(), by_old))
+    assert not all(torch.equal(s, o) for s, o in zip(start, by_old))  # the step did move the weights
