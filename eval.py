@@ -35,7 +35,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from configurator import AT_LEAST_1, NON_NEGATIVE, check_ranges, configure_or_exit, run_or_exit
 from model import checkpoint_files, read_json

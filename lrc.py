@@ -166,7 +166,7 @@ class LowRankClone(nn.Module):
         """Returns (loss, parts). Teacher and student advance one layer at a time, and each teacher
         layer's activations become clone-loss terms at once, so only one layer's are ever alive.
         weights: the student's generated weights (generate()); None: generated here (accumulate)."""
-        teacher, B, T = self.teacher, *idx.shape
+        teacher, T = self.teacher, idx.shape[1]
         w = weights if weights is not None else self.generate()
         cos, sin = rope_cos_sin(teacher.inv_freq, 0, T)
         with torch.no_grad():
