@@ -65,9 +65,9 @@ def keep_freed_memory(mmap_below=1 << 26, trim_above=1 << 30):
     """On glibc, keep freed memory in the process for reuse. A CPU step allocates and frees the same
     multi-MB buffers many times (activations, the loss head's blocks), and glibc's defaults hand
     such buffers back to the OS at every free (mmap above 128 KB to 32 MB, trimming above twice
-    that), so each reuse faults its pages in again; kept, a CPU step is faster (results/README.md,
-    Speed). The
-    cost: the process keeps its peak memory after a peak. Elsewhere (no glibc) nothing changes."""
+    that), so each reuse faults its pages in again; kept, a CPU step is faster (results/speed.md).
+    The cost: the process keeps its peak memory after a peak. Elsewhere (no glibc) nothing
+    changes."""
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         libc = ctypes.CDLL(None)
         # M_MMAP_THRESHOLD: smaller blocks come from the heap, reused after free
@@ -134,7 +134,8 @@ def build_model(cfg, device, dtype, calibration=None, load=False):
                                 alignment=cfg["alignment"], init_std=cfg["init_std"],
                                 init=None if load else cfg["init"],
                                 calibration=calibration, clone_norm=cfg["clone_norm"],
-                                clone_skip=cfg["clone_skip"], recompute=cfg["recompute"])
+                                clone_skip=cfg["clone_skip"],
+                                recompute=cfg.get("recompute", False))  # .get: older checkpoints
 
 
 # -----------------------------------------------------------------------------

@@ -133,7 +133,8 @@ def _run_file(path, config):
 
 def configure(defaults: dict, argv: list[str]) -> dict:
     """Apply config files and --key=value arguments to a copy of defaults; raise ConfigError."""
-    config = dict(defaults)
+    # lists copied: a config file's `source += [...]` must not change the defaults' own list
+    config = {k: list(v) if isinstance(v, list) else v for k, v in defaults.items()}
     for arg in argv:
         if arg.endswith(".py") and not arg.startswith("--"):
             for key, value in _run_file(arg, config).items():

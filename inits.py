@@ -25,7 +25,7 @@ def init_pca(lrc, calibration, batch_size=8, prune=False):
     truncated to the top-d_S principal subspace U of its residual stream. The stream is sampled on
     calibration (token ids [N, T]) where the teacher reads it (every RMSNorm input), each token
     scaled to unit RMS first, so the attention sink's massive activations count as one token, not as
-    94% of the energy. With h_S = U^T h_T: P_emb = P_o = P_down = U; the input side folds the
+    most of the energy. With h_S = U^T h_T: P_emb = P_o = P_down = U; the input side folds the
     teacher's norm weights in, P = diag(g_T) U; the student's norms become sqrt(d_T/d_S), the RMS
     ratio of the same vector in d_S and d_T coordinates. U is rotated within its span to diagonalise
     U^T diag(g_final) U, so a tied head, which must reuse P_emb, gets that diagonal as its final
@@ -79,6 +79,7 @@ def init_pca(lrc, calibration, batch_size=8, prune=False):
         lrc.p_lm.copy_(g[:, None] * U)
         lrc.norm.weight.fill_(scale)
 
+
 @torch.no_grad()
 def init_prune(lrc, calibration):
     """Width pruning as Minitron (Muralidharan et al., 2024) ranks embedding channels, as a start.
@@ -87,6 +88,7 @@ def init_prune(lrc, calibration):
     with U = those columns of I: the student is the teacher's weights with d_T - d_S rows and
     columns deleted."""
     init_pca(lrc, calibration, prune=True)
+
 
 @torch.no_grad()
 def init_clone(lrc, calibration, ridge=1e-3):

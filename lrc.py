@@ -75,6 +75,7 @@ class LowRankClone(nn.Module):
         # the first positions of each window (the attention sink) out of the clone loss.
         self.clone_norm, self.clone_skip = clone_norm, clone_skip
         self.recompute = recompute  # activation checkpointing per (teacher, student) layer pair
+        # (accumulate() keeps its gradient sums in self.grad_sums while inside, and only there)
         # Same depth, heads, head_dim, FFN, vocabulary and RoPE; only the residual width shrinks.
         self.config = dataclasses.replace(tc, hidden_size=d_student)
         with torch.device("meta"):  # the student's architecture only; its weights are generated (2.)
@@ -165,7 +166,7 @@ class LowRankClone(nn.Module):
     def forward(self, idx, targets, weights=None):
         """Returns (loss, parts). Teacher and student advance one layer at a time, and each teacher
         layer's activations become clone-loss terms at once, so only one layer's are ever alive.
-        weights: the student's generated weights (generate()); None: generated here (accumulate)."""
+        weights: the step's generated weights, as accumulate() yields them; None: generated here."""
         teacher, T = self.teacher, idx.shape[1]
         w = weights if weights is not None else self.generate()
         cos, sin = rope_cos_sin(teacher.inv_freq, 0, T)

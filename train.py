@@ -57,7 +57,8 @@ DEFAULTS = dict(
     temperature=40.0,  # of the KL (lrc, kd, tinybert)
     kl_reduction="batchmean",  # the official scaling; "token" = mean over tokens (lrc, kd, tinybert)
     clone_norm="none",  # "target": each clone term / its target's mean square (not in the paper)
-    clone_skip=0,  # leave the first positions of every window (the attention sink) out of the clone
+    clone_skip=0,  # leave the first positions of each window (the attention sink) out of the clone
+    # loss
     # baselines (baselines.py): students from scratch (kd, tinybert, lm) or a fine-tuned model (sft)
     student_config="",  # config.json (or HF dir) of the student; "": the teacher's, d_student wide
     init_from="",  # lm, sft, kd: train this HF dir (weights, tokenizer); required by sft
@@ -323,9 +324,10 @@ def train_step(raw, fwd, optimizer, batches, step, cfg, world, autocast):
             (loss / cfg["grad_accum"]).backward()
             for k, v in {"loss": loss.detach(), **parts}.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v.float() / cfg["grad_accum"]
-    # mean over ranks of the gradients and the losses (the log shows the global batch,
+    # mean over ranks of the gradients and the losses (the log shows the global batch, and a NaN on
+    # any rank stops every rank)
     if world > 1:
-        parts = torch.stack(list(parts_sum.values()))  # and a NaN on any rank stops every rank)
+        parts = torch.stack(list(parts_sum.values()))
         all_reduce_mean([p.grad for p in raw.parameters() if p.grad is not None] + [parts], world)
         parts_sum = dict(zip(parts_sum, parts))
     if not all(torch.isfinite(v) for v in parts_sum.values()):

@@ -83,6 +83,8 @@ def test_list_key_collects_repeated_values(tmp_path):
     assert configure(defaults, [path, "--source=z.txt"])["source"] == ["x.txt", "y.txt", "z.txt"]
     with pytest.raises(ConfigError, match="source.*list.*str"):
         configure(defaults, [write(tmp_path, "source = 'x.txt'\n", name="one.py")])
+    grow = write(tmp_path, "source += ['w.txt']\n", name="grow.py")  # in place, in the file
+    assert configure(defaults, [grow])["source"] == ["w.txt"] and defaults["source"] == []
 
 
 def test_config_file_computes_from_other_keys_and_argv_order(tmp_path):

@@ -295,6 +295,21 @@ def test_pca_student_as_wide_as_the_teacher_loads_from_its_checkpoint(tiny_teach
         torch.testing.assert_close(student(idx)[0], teacher(idx)[0], rtol=1e-4, atol=1e-4)
 
 
+def test_a_checkpoint_from_before_recompute_loads_its_student(tiny_teacher, tmp_path):
+    """Checkpoints written before `checkpoint` became `recompute` hold the old key: their student
+    still loads (sample.py, eval.py) and is the trained one."""
+    teacher = Transformer.from_pretrained(tiny_teacher)
+    torch.manual_seed(0)
+    lrc = LowRankClone(teacher, 24)
+    cfg = {**train.DEFAULTS, "teacher": tiny_teacher, "d_student": 24}
+    cfg["checkpoint"] = cfg.pop("recompute")
+    common.save_checkpoint(str(tmp_path / "ckpt.pt"), lrc, None, 0, cfg)
+    student, _ = common.load_student(str(tmp_path))
+    idx = torch.randint(0, 271, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(student(idx)[0], lrc.student()(idx)[0])
+
+
 def test_pca_on_a_teacher_with_an_all_zero_embedding_row(tiny_teacher):
     """A token whose embedding row is zero (an unused or pruned vocabulary entry) reaches the first RMSNorm as an
     all-zero vector; the calibration normalises it as the norm does (with eps), so the projections stay finite."""
