@@ -141,11 +141,12 @@ def build_model(cfg, device, dtype, calibration=None, load=False):
 # -----------------------------------------------------------------------------
 # checkpoints: the trainable state, the optimizer, the step, the config and the RNG, in one file
 
-def save_checkpoint(path, model, optimizer_state, step, cfg):
+def save_checkpoint(path, model, optimizer_state, step, cfg, **loop_state):
     """Write to a temporary file, then rename: a crash mid-write never replaces the last good
-    checkpoint."""
+    checkpoint. loop_state: more of the loop's state to resume (train.py: skipped steps, the
+    dashboard's run id)."""
     state = {"model": model.state_dict(), "optimizer": optimizer_state, "step": step, "config": cfg,
-             "rng": torch.get_rng_state()}
+             "rng": torch.get_rng_state(), **loop_state}
     with open(path + ".tmp", "wb") as f:
         torch.save(state, f)
         f.flush()

@@ -127,18 +127,18 @@ def logsumexp_from_softmax(x, p):
     return x.amax(-1) - p.amax(-1).log()
 
 
-def head_block_losses(z, t, target, lm_weight, kl_scale, temperature, grad_out):
+def head_block_losses(z, t, target, valid, lm_weight, kl_scale, temperature, grad_out):
     """The head's work on one block of tokens, in fp32: returns the block's sums of L_KL and L_LM
     (token terms, before kl_div and n_valid) and writes dL/dz into grad_out. z (r, V) student and
     t (r, V) teacher logits, in the matmuls' dtype (z may be grad_out itself); target (r,) ids,
-    ignored ones clamped to 0; lm_weight (r,) each token's weight in w_lm L_LM (0 if ignored);
+    ignored ones clamped to 0, valid (r,) where they are not; lm_weight (r,) each token's weight in w_lm L_LM (0 if ignored);
     kl_scale = w_kl / (T kl_div). Three exp passes (the three softmaxes), no log_softmax:
     L_KL = sum_v p_T (t - z) / T - (lse(t / T) - lse(z / T)) as sum_v p_T = 1."""
     # (r, V); a fresh fp32 copy under autocast, z itself in fp32 (then overwritten in place)
     z = z.float()
     p_s = torch.softmax(z, -1)  # (r, V) softmax(z)
     nll = logsumexp_from_softmax(z, p_s) - z.gather(1, target[:, None])[:, 0]  # (r,)
-    lm = (nll * (lm_weight != 0)).sum()
+    lm = (nll * valid).sum()
     z_T = z.div_(temperature)  # (r, V) z / T, in z's buffer
     q_s = torch.softmax(z_T, -1)  # (r, V) q_S = softmax(z / T)
     t_T = t.float().div_(temperature)  # (r, V) t / T
@@ -146,9 +146,15 @@ def head_block_losses(z, t, target, lm_weight, kl_scale, temperature, grad_out):
     lse_gap = logsumexp_from_softmax(t_T, p_t) - logsumexp_from_softmax(z_T, q_s)  # (r,)
     kl = (torch.linalg.vecdot(p_t, t_T.sub_(z_T)) - lse_gap).sum()  # sum_v p_T (log p_T - log q_S)
     # dL/dz = kl_scale (q_S - p_T) + lm_weight (softmax(z) - onehot), formed as kl_scale * (...) in
-    # q_s's buffer
+    # q_s's buffer; kl_scale 0 (KD with alpha_kl 0: the LM loss alone) as the LM term alone
+    rows = torch.arange(len(target), device=z.device)
+    if kl_scale == 0:
+        g = p_s.mul_(lm_weight[:, None])
+        g[rows, target] -= lm_weight
+        grad_out.copy_(g)
+        return kl, lm
     g = q_s.sub_(p_t).addcmul_(p_s, (lm_weight / kl_scale)[:, None])
-    g[torch.arange(len(target), device=g.device), target] -= lm_weight / kl_scale
+    g[rows, target] -= lm_weight / kl_scale
     torch.mul(g, kl_scale, out=grad_out)
     return kl, lm
 
@@ -190,8 +196,9 @@ class FusedDistillHead(torch.autograd.Function):
                 with one_thread(block < chunk):
                     for j in range(0, len(hs), block):
                         b = slice(j, j + block)
-                        kl_b, lm_b = head_block_losses(z[b], t[b], targets[c][b], lm_weight[c][b],
-                                                       kl_scale, temperature, grad_out=z[b])
+                        kl_b, lm_b = head_block_losses(z[b], t[b], targets[c][b], valid[c][b],
+                                                       lm_weight[c][b], kl_scale, temperature,
+                                                       grad_out=z[b])
                         kl, lm = kl + kl_b, lm + lm_b
                 grad_h[c] = z @ ws  # dz/dh_s = w_s
                 grad_w += z.T @ hs  # dz/dw_s = h_s

@@ -14,6 +14,7 @@ Every key in DEFAULTS can be set from a config file or as --key=value (configura
 The checkpoint out_dir/ckpt.pt holds the trainable state, the optimizer, the step and the config;
 the finished student is exported as an HF dir to out_dir/student.
 """
+import datetime
 import json
 import math
 import os
@@ -42,7 +43,8 @@ DEFAULTS = dict(
     teacher="",  # HF dir of the teacher (config.json, safetensors, tokenizer.json)
     data_dir="",  # prepared by data.py with the teacher's tokenizer
     out_dir="out/lrc",  # ckpt.pt, metrics.jsonl and the exported student/ go here
-    resume=False,  # continue from out_dir/ckpt.pt
+    resume="false",  # "true": continue from out_dir/ckpt.pt (an error if there is none); "auto":
+    # continue if there is one, else start (one job script starts and re-queues a run)
     # method: LRC (paper Sec. 4)
     method="lrc",  # lrc | kd | tinybert | lm | sft (the last four: baselines.py)
     d_student=256,  # the student's residual width (LRC; also the baselines' default hidden size)
@@ -83,11 +85,16 @@ DEFAULTS = dict(
     grad_clip=1.0,  # clip the global gradient norm (0: off)
     max_steps=1000,  # optimizer steps (the lr schedule spans them); from max_tokens if set
     max_minutes=0.0,  # > 0: stop (evaluate, save, export) after this wall time
+    skip_nonfinite=3,  # a step whose loss or gradient is not finite is skipped (no update, a warning,
+    # counted in metrics.jsonl); this many in a row stop the run (0: stop at the first)
     # evaluation, logging, checkpoints
     eval_interval=200,  # steps between evaluations on the val split (and at the end)
     eval_batches=8,  # val batches per evaluation (fixed windows, the same every time)
     log_interval=10,  # steps between log lines / metrics rows
     ckpt_interval=200,  # steps between checkpoints (and at the end)
+    wandb_log=False,  # also log metrics.jsonl's rows to Weights & Biases (rank 0; pip install wandb)
+    wandb_project="nanolrc",
+    wandb_run_name="",  # "": out_dir's name
     export_dtype="float32",  # dtype of the exported student
     # system
     device="auto",  # auto: cuda if available, else cpu
@@ -96,6 +103,8 @@ DEFAULTS = dict(
     recompute=False,  # LRC: activation checkpointing per (teacher, student) layer pair: their
     # activations are recomputed in the backward instead of kept (less memory, more compute)
     zero=False,  # shard Adam's state over the ranks (ZeRO-1: torch's ZeroRedundancyOptimizer)
+    dist_timeout_minutes=30.0,  # how long a rank waits in a collective before the run fails: the
+    # others wait while rank 0 writes a checkpoint (17 GB for the 4B recipe) to a shared filesystem
     seed=1337,  # initialisation and data order
 )
 
@@ -103,16 +112,50 @@ DEFAULTS = dict(
 # -----------------------------------------------------------------------------
 # setup
 
-def setup_distributed(device):
-    """(rank, local_rank, world_size, device). Without torchrun: a single process."""
+def setup_distributed(device, timeout_minutes):
+    """(rank, local_rank, world_size, device). Without torchrun: a single process. timeout_minutes:
+    how long a collective waits for the slowest rank before the run fails."""
     if "RANK" not in os.environ:
         return 0, 0, 1, device
     local_rank = int(os.environ["LOCAL_RANK"])
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
     return dist.get_rank(), local_rank, dist.get_world_size(), device
+
+
+def check_shared(out_dir, rank, world, device):
+    """Only rank 0 writes checkpoints and the export, and every rank reads ckpt.pt on resume, so
+    out_dir must be one dir that every rank sees (across nodes: a shared filesystem). Rank 0 writes
+    a token there under a new name; a rank that cannot read it back stops every rank with one line,
+    before anything is loaded or written."""
+    if world == 1:
+        return
+    token = torch.tensor([int.from_bytes(os.urandom(4), "little") if rank == 0 else 0],
+                         device=device)
+    dist.broadcast(token, 0)
+    path = os.path.join(out_dir, f".shared_check_{token.item()}")
+    if rank == 0:
+        with open(path, "w") as f:
+            f.write(str(token.item()))
+    dist.barrier()
+    try:
+        with open(path) as f:
+            seen = f.read() == str(token.item())
+    except OSError:
+        seen = False
+    blind = torch.zeros(world, device=device)
+    blind[rank] = float(not seen)
+    dist.all_reduce(blind)  # every rank learns which ranks cannot see out_dir
+    if rank == 0:
+        os.remove(path)
+    if blind.any():
+        raise ValueError(f"--out_dir={out_dir} is not the same dir on every rank: ranks "
+                         f"{blind.nonzero().flatten().tolist()} do not see rank 0's files there; "
+                         "only rank 0 writes checkpoints and every rank reads them, so put out_dir "
+                         "on a filesystem that every node shares")
 
 
 def check_config(cfg):
@@ -123,8 +166,10 @@ def check_config(cfg):
         **dict.fromkeys(("eval_interval", "eval_batches", "log_interval", "ckpt_interval"),
                         AT_LEAST_1),
         **dict.fromkeys(("lr", "min_lr", "weight_decay", "grad_clip", "max_minutes", "tokens_per_step",
-                         "max_tokens", "alpha", "clone_skip", "init_std"), NON_NEGATIVE),
-        "temperature": POSITIVE, "warmup_ratio": FRACTION, "alpha_kl": FRACTION,
+                         "max_tokens", "alpha", "clone_skip", "init_std", "skip_nonfinite"),
+                        NON_NEGATIVE),
+        "temperature": POSITIVE, "dist_timeout_minutes": POSITIVE, "warmup_ratio": FRACTION,
+        "alpha_kl": FRACTION,
         "beta1": unit, "beta2": unit,
     }, {"decay": ("linear", "cosine"), "method": METHODS,
         "export_dtype": ("float32", "bfloat16", "float16")})
@@ -311,7 +356,9 @@ def train_step(raw, fwd, optimizer, batches, step, cfg, world, autocast):
     """One optimizer step: grad_accum micro-batches, gradients averaged over ranks, clipped, Adam.
     LRC generates the student's weights once for all micro-batches (lrc.LowRankClone.accumulate), so
     gradients reach the projections, and are averaged over ranks, once per step; the baselines have
-    no generated weights (their accumulate gives None). Returns (lr, mean loss parts, grad norm)."""
+    no generated weights (their accumulate gives None). A step whose loss or gradient norm is not
+    finite changes nothing (the same on every rank: both are averaged first). Returns (lr, mean loss
+    parts, grad norm, whether Adam stepped)."""
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -325,20 +372,18 @@ def train_step(raw, fwd, optimizer, batches, step, cfg, world, autocast):
             for k, v in {"loss": loss.detach(), **parts}.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v.float() / cfg["grad_accum"]
     # mean over ranks of the gradients and the losses (the log shows the global batch, and a NaN on
-    # any rank stops every rank)
+    # any rank skips the step on every rank)
     if world > 1:
         parts = torch.stack(list(parts_sum.values()))
         all_reduce_mean([p.grad for p in raw.parameters() if p.grad is not None] + [parts], world)
         parts_sum = dict(zip(parts_sum, parts))
-    if not all(torch.isfinite(v) for v in parts_sum.values()):
-        bad = {k: v.item() for k, v in parts_sum.items() if not torch.isfinite(v)}
-        raise FloatingPointError(f"step {step}: non-finite loss {bad}; stopped without saving, the "
-                                 f"last good checkpoint in {cfg['out_dir']} is untouched: resume "
-                                 "with a lower lr")
+    # a NaN or inf anywhere in the gradients makes the norm NaN or inf
     grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or float("inf"))
-    optimizer.step()
+    finite = torch.isfinite(torch.stack([grad_norm, *parts_sum.values()])).all().item()
+    if finite:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return lr, parts_sum, grad_norm
+    return lr, parts_sum, grad_norm, finite
 
 
 def preflight(cfg):
@@ -353,19 +398,47 @@ def preflight(cfg):
                           "no position is left for the clone loss")
     if os.path.exists(cfg["out_dir"]) and not os.path.isdir(cfg["out_dir"]):
         raise ConfigError(f"--out_dir={cfg['out_dir']} is a file: choose a dir")
+    if cfg["wandb_log"]:
+        try:
+            import wandb  # noqa: F401  (imported only when asked for)
+        except ImportError:
+            raise ConfigError("--wandb_log=True needs Weights & Biases: pip install wandb") from None
     device, dtype = resolve_system(cfg)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    if not cfg["resume"] and os.path.exists(ckpt_path):
-        raise ValueError(f"{ckpt_path} exists: pass --resume=True to continue that run, or choose another "
-                         "out_dir (a new run never overwrites a checkpoint)")
+    if resume_mode(cfg) == "false" and os.path.exists(ckpt_path):
+        raise ValueError(f"{ckpt_path} exists: pass --resume=True to continue that run (or "
+                         "--resume=auto), or choose another out_dir (a new run never overwrites a "
+                         "checkpoint)")
     return device, dtype
+
+
+def resume_mode(cfg):
+    """'true', 'false' or 'auto', from --resume=True, --resume=false, --resume=auto, ..."""
+    mode = cfg["resume"].lower()
+    if mode not in ("true", "false", "auto"):
+        raise ConfigError(f"--resume={cfg['resume']}: choose True, False or auto")
+    return mode
+
+
+def strict(row):
+    """A metrics row for strict JSON readers: a value that is not a finite number becomes null."""
+    return {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
+
+
+def all_finite(model):
+    return all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def train(cfg):
     device, dtype = preflight(cfg)
-    rank, local_rank, world, device = setup_distributed(device)
+    rank, local_rank, world, device = setup_distributed(device, cfg["dist_timeout_minutes"])
     cfg, tokens_per_step = resolve_batch(cfg, world)
     master = rank == 0
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    check_shared(cfg["out_dir"], rank, world, device)
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    # every rank sees the same out_dir now, so every rank decides alike
+    resume = resume_mode(cfg) == "true" or (resume_mode(cfg) == "auto" and os.path.exists(ckpt_path))
     torch.manual_seed(cfg["seed"])  # same initial projections on every rank
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     bf16 = dtype == "bfloat16"
@@ -380,9 +453,9 @@ def train(cfg):
                       rank=rank, world_size=world, device=device, sampling=cfg["sampling"],
                       grad_accum=cfg["grad_accum"])
     # resume: from ckpt.pt
-    calibrate = cfg["method"] == "lrc" and cfg["init"] in CALIBRATED_INITS and not cfg["resume"]
+    calibrate = cfg["method"] == "lrc" and cfg["init"] in CALIBRATED_INITS and not resume
     calibration = calibration_tokens(cfg, device) if calibrate else None
-    model = build_model(cfg, device, dtype, calibration, load=cfg["resume"])
+    model = build_model(cfg, device, dtype, calibration, load=resume)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding "
                          f"only {model.config.vocab_size} rows: tokenizer and weights do not belong "
@@ -391,10 +464,8 @@ def train(cfg):
         raise ValueError("method 'sft' learns assistant tokens only: prepare "
                          f"{cfg['data_dir']} with data.py --mask=True")
     optimizer = make_optimizer(model, cfg)
-    os.makedirs(cfg["out_dir"], exist_ok=True)
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    step = 0
-    if cfg["resume"]:
+    step, skipped, wandb_id = 0, 0, None
+    if resume:
         ckpt = load_checkpoint(ckpt_path)
         changed = {k: (ckpt["config"].get(k), v) for k, v in cfg.items()
                    if ckpt["config"].get(k) != v and k != "resume"}
@@ -406,7 +477,7 @@ def train(cfg):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(one_group(ckpt["optimizer"], model))
         torch.set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
+        step, skipped, wandb_id = ckpt["step"], ckpt.get("skipped", 0), ckpt.get("wandb_id")
         log(f"resumed from {ckpt_path} at step {step}"
             + (f"; changed: {changed}" if changed else ""))
     raw = model
@@ -429,16 +500,31 @@ def train(cfg):
         with open(metrics_path, "w") as f:
             f.writelines(kept)
     metrics = open(metrics_path, "a" if step > 0 else "w") if master else None
+    dashboard = open_dashboard(cfg, wandb_id) if master and cfg["wandb_log"] else None
 
     def record(row):
         if master:
-            metrics.write(json.dumps(row) + "\n")
+            row = strict(row)
+            metrics.write(json.dumps(row, allow_nan=False) + "\n")
             metrics.flush()
+            if dashboard:
+                dashboard.log({k: v for k, v in row.items() if k != "step" and v is not None},
+                              step=row["step"])
+
+    def save(path):  # on every rank: a sharded optimizer gathers its state on rank 0
+        state = optimizer_state(optimizer)
+        if master:
+            save_checkpoint(path, raw, state, step, cfg,
+                            skipped=skipped, wandb_id=dashboard.id if dashboard else wandb_id)
+        if world > 1:  # the others wait for the file here, up to dist_timeout_minutes
+            dist.barrier()
 
     # A test hook, outside the config: NANOLRC_STOP_AT=N saves at step N and exits unexported, as a
     # preemption would; --resume=True goes on from there.
     stop_at = int(os.environ.get("NANOLRC_STOP_AT", 0))
-    t_start, t_last, start_step = time.time(), time.time(), step
+    t_start, start_step, in_a_row = time.time(), step, 0
+    # the rate: train steps only, and not this process's first (compilation, warm-up)
+    timed, timed_steps = 0.0, 0
     bar = tqdm(total=cfg["max_steps"], initial=step, disable=not master or not sys.stderr.isatty())
     while True:
         timed_out = time.time() - t_start > 60 * cfg["max_minutes"]
@@ -446,6 +532,10 @@ def train(cfg):
         last = step >= cfg["max_steps"] or out_of_time
         # stop_at acts like a preemption: save and exit, leaving this step's eval to the resumed run
         stop = not last and 0 < stop_at <= step
+        if step > start_step and not all_finite(raw):  # Adam overflowed from finite gradients
+            raise FloatingPointError(f"step {step}: the weights are not finite; stopped without "
+                                     f"saving, the last good checkpoint in {cfg['out_dir']} is "
+                                     "untouched: resume with a lower lr")
         if (step % cfg["eval_interval"] == 0 or last) and not stop:
             ev = evaluate(raw, batches, cfg["eval_batches"], autocast)
             bar.write(f"step {step}: val loss {ev['val_loss']:.4f}" + (
@@ -455,33 +545,48 @@ def train(cfg):
         # not at the step the run started from: step 0 is untrained, and a resumed checkpoint is
         # already on disk
         if step > start_step and (step % cfg["ckpt_interval"] == 0 or last or stop):
-            # every rank: a sharded optimizer gathers its state on rank 0
-            state = optimizer_state(optimizer)
-            if master:
-                save_checkpoint(ckpt_path, raw, state, step, cfg)
+            save(ckpt_path)
         if last or stop:
             break
 
-        lr, parts_sum, grad_norm = train_step(raw, fwd, optimizer, batches, step, cfg, world,
-                                              autocast)
+        t0 = time.time()
+        lr, parts_sum, grad_norm, stepped = train_step(raw, fwd, optimizer, batches, step, cfg,
+                                                       world, autocast)
+        if step > start_step:
+            timed, timed_steps = timed + time.time() - t0, timed_steps + 1
         step += 1
         bar.update(1)
+        in_a_row = 0 if stepped else in_a_row + 1
+        skipped += not stepped
+        if not stepped:
+            bad = {k: v.item() for k, v in {"grad_norm": grad_norm, **parts_sum}.items()
+                   if not torch.isfinite(v)}
+            if in_a_row > cfg["skip_nonfinite"]:
+                raise FloatingPointError(
+                    f"step {step}: non-finite {bad}" + (f", {in_a_row} steps in a row" if in_a_row > 1
+                                                        else "") +
+                    f"; stopped without saving, the last good checkpoint in {cfg['out_dir']} is "
+                    "untouched: resume with a lower lr")
+            bar.write(f"step {step}: non-finite {bad}: skipped, the weights are unchanged "
+                      f"({in_a_row} in a row, at most {cfg['skip_nonfinite']})") if master else None
 
         if step % cfg["log_interval"] == 0 and master:
-            dt, t_last = time.time() - t_last, time.time()
-            steps_done = cfg["log_interval"]
-            tps = steps_done * tokens_per_step / dt
+            # rates over the timed steps so far: global tokens/s, and MFU per GPU
+            tps = timed_steps * tokens_per_step / timed if timed_steps else float("nan")
             peak = peak_flops(device)
-            mfu = steps_done * flops_per_step / dt / peak if peak else float("nan")
-            eta = (cfg["max_steps"] - step) * dt / steps_done
+            mfu = tps / tokens_per_step * flops_per_step / (peak * world) if peak else float("nan")
             row = {"step": step, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tps, "mfu": mfu,
-                   **{k: v.item() for k, v in parts_sum.items()}}
+                   "skipped": skipped, **{k: v.item() for k, v in parts_sum.items()}}
             record(row)
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else 0
+            eta = (cfg["max_steps"] - step) * tokens_per_step / tps if timed_steps else None
             bar.write(f"step {step} | loss {row['loss']:.4f} | " +
                       " ".join(f"{k} {row[k]:.4g}" for k in ("kl", "lm", "clone") if k in row) +
-                      f" | lr {lr:.2e} | {tps:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu == mfu else "") +
-                      (f" | peak mem {mem:.1f} GiB" if mem else "") + f" | ETA {eta / 60:.1f} min")
+                      f" | lr {lr:.2e}" + (f" | {tps:,.0f} tok/s" if timed_steps else "") +
+                      (f" ({tps / world:,.0f} per GPU)" if world > 1 and timed_steps else "") +
+                      (f" | MFU {mfu:.1%}" if mfu == mfu else "") +
+                      (f" | peak mem {mem:.1f} GiB" if mem else "") +
+                      (f" | ETA {eta / 60:.1f} min" if eta is not None else ""))
     bar.close()
     if stop:
         log(f"stopped at step {step} (NANOLRC_STOP_AT): {ckpt_path} saved; continue with "
@@ -491,12 +596,24 @@ def train(cfg):
         raw.export(student_dir, dtype=getattr(torch, cfg["export_dtype"]),
                    tokenizer_dir=tokenizer_dir(cfg))
         log(f"exported the student to {student_dir} after {step} steps "
-            f"({step * tokens_per_step:,} tokens)")
+            f"({step * tokens_per_step:,} tokens" + (f", {skipped} skipped" if skipped else "") + ")")
     if master:
         metrics.close()
+        if dashboard:
+            dashboard.finish()
     if dist.is_initialized():
         dist.destroy_process_group()
     return raw
+
+
+def open_dashboard(cfg, run_id=None):
+    """A Weights & Biases run for the rows of metrics.jsonl, with the config as its config; a
+    resumed run continues the run of its checkpoint (run_id). Files go to out_dir/wandb;
+    WANDB_MODE=offline keeps them there."""
+    import wandb
+    name = cfg["wandb_run_name"] or os.path.basename(os.path.abspath(cfg["out_dir"]))
+    return wandb.init(project=cfg["wandb_project"], name=name, config=cfg, dir=cfg["out_dir"],
+                      id=run_id, resume="allow")
 
 
 def peak_flops(device):

@@ -1,5 +1,6 @@
 """Shared fixtures: the converted SmolLM2 teacher, the packaged Llama-3 tokenizer, tiny synthetic
-tokenizers (fixtures.write_tokenizer) and a tiny random teacher beside one."""
+tokenizers (fixtures.write_tokenizer), a tiny random teacher beside one, data for it and runs of
+train.py on both (each run once per session, whichever module asks first)."""
 import importlib.util
 
 import pytest
@@ -76,3 +77,45 @@ def tiny_teacher(make_tokenizer_dir):
         torch.manual_seed(0)
         Transformer(cfg).init_weights(0.1).save_pretrained(path)
     return path
+
+
+# runs of train.py (tests/test_train.py's train_py), shared by every test module
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_teacher, tmp_path_factory):
+    """Data prepared with the tiny teacher's tokenizer: ≈6k train and ≈1k val tokens."""
+    from data import prepare
+    from test_train import write_text
+    from tokenizer import load_tokenizer
+    root = tmp_path_factory.mktemp("data")
+    prepare(load_tokenizer(tiny_teacher), [{"path": write_text(root / "a.txt")}], str(root / "bin"),
+            val_fraction=0.1)
+    return str(root / "bin")
+
+
+@pytest.fixture(scope="session")
+def runs(tiny_teacher, tiny_data, tmp_path_factory):
+    """runs(*args, nproc=1, stop_at=0) -> out_dir of a successful run with these arguments, run once per
+    session. Tests that change an out_dir (resume) work on a copy."""
+    from test_train import train_py
+    root, done = tmp_path_factory.mktemp("runs"), {}
+
+    def run(*args, nproc=1, stop_at=0):
+        if (args, nproc, stop_at) not in done:
+            out = str(root / f"run{len(done)}")
+            r = train_py(f"--teacher={tiny_teacher}", f"--data_dir={tiny_data}", f"--out_dir={out}", *args,
+                         nproc=nproc, stop_at=stop_at)
+            assert r.returncode == 0, r.stderr[-3000:]
+            done[args, nproc, stop_at] = out
+        return done[args, nproc, stop_at]
+    return run
+
+
+@pytest.fixture
+def halfway(runs, tmp_path):
+    """A copy of a run stopped at step HALF of 6 (as a preemption would): ckpt.pt, no export."""
+    import shutil
+    from test_train import HALF
+    out = str(tmp_path / "out")
+    shutil.copytree(runs(stop_at=HALF), out)
+    return out

@@ -47,16 +47,19 @@ def all_trained(module):
 # -----------------------------------------------------------------------------
 # the modules
 
-def test_vanilla_kd_is_the_weighted_plain_loss():
+@pytest.mark.parametrize("alpha_kl", [0.3, 0.0, 1.0])  # 0: pure LM (the fused head once divided by it)
+def test_vanilla_kd_is_the_weighted_plain_loss(alpha_kl):
     """alpha_kl * KL + (1 - alpha_kl) * LM through the fused head = the same from whole logits, gradients too."""
     teacher = make_teacher()
-    kd = VanillaKD(teacher, student_config(TEACHER, 16), alpha_kl=0.3, temperature=2.0, kl_reduction="token")
+    kd = VanillaKD(teacher, student_config(TEACHER, 16), alpha_kl=alpha_kl, temperature=2.0,
+                   kl_reduction="token")
     idx, tgt = batch()
     tgt[0, 4] = -100
     loss, parts = kd(idx, tgt)
     grads = torch.autograd.grad(loss, list(kd.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)
     kl, lm = distill_losses(kd.model(idx)[0], teacher(idx)[0].detach(), tgt, 2.0, "token")
-    ref = 0.3 * kl + 0.7 * lm
+    ref = alpha_kl * kl + (1 - alpha_kl) * lm
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(parts["kl"], kl.detach())
     torch.testing.assert_close(parts["lm"], lm.detach())

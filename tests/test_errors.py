@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from test_train import ROOT, runs, tiny_data, write_text  # noqa: F401  (fixtures: the session's data and runs)
+from test_train import ROOT, write_text
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 

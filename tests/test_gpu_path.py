@@ -27,7 +27,6 @@ from configurator import configure
 from lrc import LowRankClone
 from model import RMSNorm, Transformer
 from test_train import HALF, ROOT, assert_identical, ckpt, metrics, train_py
-from test_train import runs, tiny_data  # noqa: F401  (fixtures: one tiny dataset and shared runs per session)
 
 
 # -----------------------------------------------------------------------------
