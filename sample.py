@@ -2,7 +2,8 @@
 Sample from a model: an HF dir (a teacher, an exported student) or a training checkpoint.
 
     python sample.py  # the newest out/*/student (right after python demo.py)
-    python sample.py --model=out/demo --prompt="The capital of France is" --temperature=0
+    python sample.py --model=out/demo --prompt="The capital of France is" --temperature=0  # greedy
+    python sample.py --prompt="Once upon a time" --top_p=0.95 --repetition_penalty=1.0 --seed=7
     python sample.py --model=out/lrc/ckpt.pt --prompt=FILE:prompt.txt --num_samples=3
     echo "In the beginning" | python sample.py --prompt=-
     python sample.py --chat=True --prompt="Name three colours."  # the prompt as a chat's user turn
@@ -24,8 +25,8 @@ import time
 
 import torch
 
-from configurator import (AT_LEAST_1, NON_NEGATIVE, PROBABILITY, check_ranges, configure_or_exit,
-                          run_or_exit)
+from configurator import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, check_ranges,
+                          configure_or_exit, run_or_exit)
 from tokenizer import load_tokenizer
 from model import Transformer, read_json
 from common import load_student, resolve_system, tokenizer_dir
@@ -37,10 +38,16 @@ DEFAULTS = dict(
     chat=False,  # render the prompt as a user message with the model's chat template
     num_samples=1,
     max_new_tokens=256,
-    temperature=0.8,  # 0 = greedy; >= 0
-    top_k=200,  # 0 = off
-    top_p=1.0,  # 1.0 = off; in (0, 1]
-    seed=1337,
+    # Sampling as users of small chat models expect it (their generation_config.json files ship
+    # values of this size, e.g. Qwen2.5-Instruct's temperature 0.7, top_p 0.8, repetition_penalty
+    # 1.05): below-1 temperature and nucleus sampling keep a 0.1-2B model out of its unreliable
+    # tail of tokens, and a mild penalty breaks the loops small models fall into.
+    temperature=0.7,  # 0 = greedy: the model's own most likely text, comparable across runs (the
+    # three settings below are for sampling only)
+    top_k=0,  # sample among the k most likely tokens; 0 = off
+    top_p=0.9,  # nucleus: among the fewest most likely tokens holding this much mass; 1 = off
+    repetition_penalty=1.1,  # transformers' repetition_penalty over the prompt and reply; 1 = off
+    seed=1337,  # printed to stderr with the settings, so a sample can be drawn again
     compile=False,  # torch.compile the one-token decode step (model.Transformer.decode_step):
     # compiles once per cache size (tens of seconds on a CPU), then faster per token; worth it for
     # long or many generations
@@ -120,9 +127,11 @@ def stream(model, tok, ids, eos, cfg, generator=None, out=None):
     utf8, new = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
     idx = torch.tensor([ids], device=next(model.parameters()).device)
     t0 = time.perf_counter()
+    greedy = cfg["temperature"] == 0
     for nxt in model.generate(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None,
                               cfg["top_p"], eos_id=eos, generator=generator,
-                              vocab_size=tok.vocab_size, compile=cfg["compile"]):
+                              vocab_size=tok.vocab_size, compile=cfg["compile"],
+                              repetition_penalty=1.0 if greedy else cfg["repetition_penalty"]):
         if nxt.item() in eos:
             break
         new.append(nxt.item())
@@ -155,9 +164,14 @@ def chat_loop(model, tok, eos, cfg, generator):
 
 def sample(cfg, out_root="out"):
     check_ranges(cfg, {"num_samples": AT_LEAST_1, "max_new_tokens": AT_LEAST_1,
-                       "temperature": NON_NEGATIVE, "top_k": NON_NEGATIVE, "top_p": PROBABILITY})
+                       "temperature": NON_NEGATIVE, "top_k": NON_NEGATIVE, "top_p": PROBABILITY,
+                       "repetition_penalty": POSITIVE})
     device, dtype = resolve_system(cfg)
     model, tok, eos = load(resolve_model(cfg["model"], out_root), device, dtype)
+    print("[greedy]" if cfg["temperature"] == 0 else
+          "[sampling: " + ", ".join(f"{k} {cfg[k]}" for k in ("temperature", "top_k", "top_p",
+                                                               "repetition_penalty", "seed")) + "]",
+          file=sys.stderr)
     generator = torch.Generator(device).manual_seed(cfg["seed"])
     if not cfg["prompt"] and sys.stdin is not None and sys.stdin.isatty():
         return chat_loop(model, tok, eos, cfg, generator)

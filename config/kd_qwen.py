@@ -21,16 +21,18 @@ alpha_kl = 0.5
 temperature = 1.0
 kl_reduction = "token"
 block_size = 1024  # documents packed into 1024-token instances
-batch_size = 4  # x 16 accumulation x 8 GPUs = 512 sequences = 524,288 tokens per step
-grad_accum = 16
-_gpus = 8
-# 45,000 steps = 23.6B tokens. MiniPLM gives every method the same training FLOPs as 50B tokens of
-# plain pre-training (scripts/pretrain/qwen/500M.sh: 100k steps); online KD pays for the teacher's
-# forward, hence fewer tokens. The card's "50B tokens" is that budget, not what this student saw.
-max_steps = 45_000
+batch_size = 4  # sequences per micro-batch per GPU; grad_accum follows from tokens_per_step
+# 512 sequences of 1024 per step (MiniPLM's batch): 8 GPUs x 4 x 16 micro-batches, 1 GPU x 4 x 128
+tokens_per_step = 524_288
+# 45,000 steps = 23.6B tokens, on any number of GPUs. MiniPLM gives every method the same training
+# FLOPs as 50B tokens of plain pre-training (scripts/pretrain/qwen/500M.sh: 100k steps); online KD
+# pays for the teacher's forward, hence fewer tokens. The card's "50B tokens" is that budget, not
+# what this student saw.
+_steps = 45_000
+max_tokens = _steps * tokens_per_step
 lr = 3e-4
 min_lr = 3e-5
-warmup_ratio = 2000 / max_steps  # 2,000 warmup steps
+warmup_ratio = 2000 / _steps  # 2,000 warmup steps
 decay = "cosine"
 beta1, beta2 = 0.9, 0.98
 # Not reproduced: MiniPLM uses AdamW (decoupled weight decay 0.01, eps 1e-6); train.py's Adam would

@@ -12,16 +12,15 @@ teacher = ""  # none: the tokenizer comes from init_from
 data_dir = ""  # set --data_dir= to the output of data.py --mask=True
 out_dir = "out/sft_llama"
 block_size = 2048  # the cutoff length
-# x 8 GPUs x grad_accum 1 = 32 sequences = 65,536 tokens per step (the SFT batch size is not
-# published)
-batch_size = 4
-grad_accum = 1
-_gpus = 8
-# One epoch of ~0.2B tokens (card 001). For exactly one epoch of your data use
-# --max_steps=ceil(meta.json's tokens.train / tokens per step). Differences from the official SFT:
-# Batches samples random windows of the packed conversations (joined by EOS) rather than one padded,
+batch_size = 4  # sequences per micro-batch per GPU; grad_accum follows from tokens_per_step
+# 32 sequences of 2048 per step (the SFT batch size is not published): 8 GPUs x 4 x 1 micro-batch,
+# 1 GPU x 4 x 8
+tokens_per_step = 65_536
+# One epoch of ~0.2B tokens (card 001): 3,051 steps on any number of GPUs. For one epoch of
+# your data use --max_tokens=meta.json's tokens.train. Differences from the official SFT: Batches
+# samples random windows of the packed conversations (joined by EOS) rather than one padded,
 # truncated conversation per row.
-max_steps = 200_000_000 // (batch_size * block_size * grad_accum * _gpus)  # 3,051 steps
+max_tokens = 200_000_000
 lr = 1e-5
 min_lr = 0.0
 warmup_ratio = 0.1

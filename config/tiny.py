@@ -1,4 +1,6 @@
 # A seconds-long run for tests and smoke checks: pass --teacher=DIR --data_dir=DIR --out_dir=DIR.
+# Not a recipe: no token budget, so the tests can set grad_accum per rank count (1 rank x 2
+# micro-batches against 2 ranks x --grad_accum=1); tests/test_configs.py leaves it out.
 d_student = 16
 batch_size = 2
 block_size = 32

@@ -1,4 +1,5 @@
-"""sample.py: greedy parity with transformers, chat prompts as HF renders them, streaming, model lookup, errors."""
+"""sample.py: greedy parity with transformers, sampling settings against transformers' logits processors, chat
+prompts as HF renders them, streaming, model lookup, errors."""
 import io
 import os
 import shutil
@@ -68,7 +69,13 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_model_dir):
     run = lambda seed, **kw: sample.stream(model, tok, ids, eos, cfg(temperature=1.0, **kw),  # noqa: E731
                                            torch.Generator().manual_seed(seed), out=io.StringIO())
     assert run(1) == run(1)
-    assert run(1, top_k=1) == sample.stream(model, tok, ids, eos, cfg(), out=io.StringIO())
+    # top_k 1 without the repetition penalty (which greedy leaves out) is greedy
+    assert run(1, top_k=1, repetition_penalty=1.0) == sample.stream(model, tok, ids, eos, cfg(), out=io.StringIO())
+    # and with it, greedy under the penalty: sample.py passes --repetition_penalty on
+    ids = repeating_prompt(model, tok)
+    penalised = [t.item() for t in model.generate(torch.tensor([ids]), 16, repetition_penalty=2.0)]
+    penalised = penalised[:next((i for i, t in enumerate(penalised) if t in eos), len(penalised))]
+    assert run(1, top_k=1, repetition_penalty=2.0) == penalised != run(1, top_k=1, repetition_penalty=1.0)
 
 
 def test_chat_prompt_is_rendered_as_hf_does(tiny_model_dir, capsys):
@@ -213,3 +220,84 @@ def test_sampling_draws_tokens_with_the_softmax_probabilities():
     top3 = sample_next(logits.expand(n, -1), temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))
     freq3 = np.bincount(top3.numpy(), minlength=6) / n
     assert freq3[3:].sum() == 0 and np.all(np.abs(freq3[:3] - p[:3] / p[:3].sum()) < 0.02)
+
+
+def test_repetition_penalty_is_transformers():
+    """model.penalise against transformers' RepetitionPenaltyLogitsProcessor: random logits of both signs,
+    histories with repeated tokens, penalties above and below 1."""
+    transformers = pytest.importorskip("transformers")
+    from model import penalise
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(6, 40, generator=g)
+    ids = torch.randint(0, 40, (6, 15), generator=g)  # 15 draws of 40: repeats in every row
+    for penalty in (1.1, 1.5, 0.8):
+        ref = transformers.RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())
+        torch.testing.assert_close(penalise(logits, ids, penalty), ref, rtol=0, atol=0)
+        changed = penalise(logits, ids, penalty) != logits
+        assert changed.sum() == sum(len(set(r.tolist())) for r in ids)  # exactly the seen tokens
+    assert penalise(logits, ids, 1.0) is logits
+
+
+def test_sampling_draws_from_transformers_temperature_and_top_p():
+    """sample.py's defaults (repetition penalty, temperature, top_p; top_k off) through model.py's penalise and
+    sample_next: the draws' frequencies are the probabilities transformers' RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper and TopPLogitsWarper give, applied in transformers' order; tokens they cut are
+    never drawn."""
+    transformers = pytest.importorskip("transformers")
+    from model import penalise, sample_next
+    c = sample.DEFAULTS
+    assert (c["temperature"], c["top_k"], c["top_p"], c["repetition_penalty"]) == (0.7, 0, 0.9, 1.1)
+    g = torch.Generator().manual_seed(3)
+    n, V = 20000, 12
+    for row in range(3):
+        logits, ids = 1.5 * torch.randn(1, V, generator=g), torch.randint(0, V, (1, 5), generator=g)
+        ref = transformers.RepetitionPenaltyLogitsProcessor(c["repetition_penalty"])(ids, logits.clone())
+        ref = transformers.TemperatureLogitsWarper(c["temperature"])(ids, ref)
+        ref = transformers.TopPLogitsWarper(c["top_p"])(ids, ref)
+        p = ref.softmax(-1)[0].double().numpy()
+        assert 1 < (p > 0).sum() < V  # the nucleus cuts some tokens and keeps several
+        draws = sample_next(penalise(logits, ids, c["repetition_penalty"]).expand(n, -1), c["temperature"],
+                            c["top_k"] or None, c["top_p"], torch.Generator().manual_seed(row))
+        freq = np.bincount(draws.numpy(), minlength=V) / n
+        assert np.all(freq[p == 0] == 0), (freq, p)
+        assert np.all(np.abs(freq - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1e-3), (freq, p)
+
+
+def repeating_prompt(model, tok):
+    """A prompt after which plain greedy repeats one of the prompt's own tokens (a prompt, then the model's
+    greedy text up to its first repeat): there the penalty acts on the first new token, through the prompt."""
+    for base in ([tok.eos_id], sample.prompt_ids(tok, "the world and the world", chat=False)):
+        g = torch.cat(list(model.generate(torch.tensor([base]), 16))).tolist()
+        k = next((k for k in range(len(g)) if g[k] in base + g[:k]), None)
+        if k is not None:
+            return base + g[:k]
+    raise AssertionError("no repeat in greedy text: choose another prompt")
+
+
+def test_generate_with_a_repetition_penalty_matches_transformers(tiny_model_dir):
+    """The penalty covers the prompt and every token made so far, as in transformers' generate."""
+    transformers = pytest.importorskip("transformers")
+    model, tok, eos = sample.load(tiny_model_dir, "cpu", "float32")
+    ids = repeating_prompt(model, tok)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    runs = {}
+    for penalty in (1.0, 2.0):
+        ours = torch.cat(list(model.generate(torch.tensor([ids]), 16, repetition_penalty=penalty))).tolist()
+        ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=16, do_sample=False, repetition_penalty=penalty, eos_token_id=None,
+                          pad_token_id=tok.eos_id)[0, len(ids):].tolist()  # the mask: the prompt's EOS is no pad
+        assert ours == ref, penalty
+        runs[penalty] = ours
+    assert runs[1.0][0] in ids and runs[2.0][0] != runs[1.0][0]  # the prompt's tokens were penalised
+
+
+def test_settings_and_seed_are_printed(tiny_model_dir, capsys):
+    argv = [f"--model={tiny_model_dir}", "--prompt=the world and", "--max_new_tokens=8"]
+    sample.main(argv + ["--seed=5"])
+    first = capsys.readouterr()
+    assert first.err.startswith("[sampling: temperature 0.7, top_k 0, top_p 0.9, repetition_penalty 1.1, "
+                                "seed 5]\n"), first.err
+    sample.main(argv + ["--seed=5"])
+    assert capsys.readouterr().out == first.out  # the printed seed draws the same sample again
+    sample.main(argv + ["--temperature=0"])
+    assert capsys.readouterr().err.startswith("[greedy]\n")
