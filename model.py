@@ -382,12 +382,14 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_id=None,
-                 use_cache=True, generator=None, vocab_size=None, compile=False):
+                 use_cache=True, generator=None, vocab_size=None, compile=False,
+                 repetition_penalty=1.0):
         """Yield (B,) next tokens one step at a time (so callers can stream). Greedy at
-        temperature 0. Stops early when every row has produced eos_id (an int or a collection of
-        ints). vocab_size: ids from there on are never drawn (an embedding's padding rows that no
-        token has, e.g. Qwen2.5's 151,665 tokens in 151,936 rows: an undertrained student can put
-        mass there).
+        temperature 0. repetition_penalty: transformers' (see penalise), over the prompt and the
+        tokens made so far. Stops early when every row has produced eos_id (an int or a
+        collection of ints). vocab_size: ids from there on are never drawn (an embedding's padding
+        rows that no token has, e.g. Qwen2.5's 151,665 tokens in 151,936 rows: an undertrained
+        student can put mass there).
         With the cache (the fast path), the prompt runs in one forward, then each token in
         decode_step over a cache of a power-of-two length (so a compiled step is reused across
         calls); compile: torch.compile that step (the first call per cache size compiles: worth it
@@ -402,15 +404,18 @@ class Transformer(nn.Module):
             self.setup_cache(B, min(size, longest))
             step = self.compiled_step() if compile else self.decode_step
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        seen = idx  # (B, t): the tokens so far, for the repetition penalty
         try:
             # (B, V): the prompt at once
             logits = self.lm_head(self.hidden(idx)[:, -1]) if use_cache else None
             for i in range(max_new_tokens):
                 if not use_cache:
                     logits = self(idx)[0][:, -1]
-                nxt = sample_next(logits[:, :vocab_size].float(), temperature, top_k, top_p,
-                                  generator)
+                logits = penalise(logits[:, :vocab_size].float(), seen, repetition_penalty)
+                nxt = sample_next(logits, temperature, top_k, top_p, generator)
                 yield nxt
+                if repetition_penalty != 1.0:
+                    seen = torch.cat((seen, nxt[:, None]), dim=1)
                 idx = idx if use_cache else torch.cat((idx, nxt[:, None]), dim=1)
                 done |= torch.isin(nxt, eos)
                 if done.all() or i == max_new_tokens - 1:
@@ -484,6 +489,16 @@ class Transformer(nn.Module):
                      "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
             write_json(os.path.join(path, "model.safetensors.index.json"), index)
         write_json(os.path.join(path, "config.json"), self.config.to_hf(dtype))
+
+
+def penalise(logits, ids, penalty):
+    """CTRL's repetition penalty (Keskar et al. 2019), as transformers applies it: the logit of
+    every token in ids (B, t) divided by penalty where positive, multiplied where negative, so that
+    a penalty above 1 makes every token seen so far less likely."""
+    if penalty == 1.0:
+        return logits
+    seen = logits.gather(1, ids)
+    return logits.scatter(1, ids, torch.where(seen > 0, seen / penalty, seen * penalty))
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
