@@ -35,6 +35,8 @@ from data import Batches, check_compatible
 from losses import head_chunk
 from lrc import CALIBRATED_INITS, CLONE_TERMS
 from model import RMSNorm
+import shard
+from shard import CKPT, SHARDS
 from tokenizer import load_tokenizer
 
 DEFAULTS = dict(
@@ -95,7 +97,10 @@ DEFAULTS = dict(
     compile=False,  # torch.compile the training forward (minutes to compile on CPU, then faster)
     recompute=False,  # LRC: activation checkpointing per (teacher, student) layer pair: their
     # activations are recomputed in the backward instead of kept (less memory, more compute)
-    zero=False,  # shard Adam's state over the ranks (ZeRO-1: torch's ZeroRedundancyOptimizer)
+    zero=False,  # shard Adam's state over the ranks (ZeRO-1: torch's ZeroRedundancyOptimizer; the
+    # gradients are still all-reduced whole, and each rank broadcasts its updated parameters)
+    shard="none",  # LRC with FSDP2 (shard.py): "trainable" shards the projections, their gradients
+    # and Adam's state per layer (ZeRO-3); "all" also the teacher's layers. Checkpoint: ckpt.dcp
     seed=1337,  # initialisation and data order
 )
 
@@ -127,7 +132,9 @@ def check_config(cfg):
         "temperature": POSITIVE, "warmup_ratio": FRACTION, "alpha_kl": FRACTION,
         "beta1": unit, "beta2": unit,
     }, {"decay": ("linear", "cosine"), "method": METHODS,
-        "export_dtype": ("float32", "bfloat16", "float16")})
+        "export_dtype": ("float32", "bfloat16", "float16"), "shard": SHARDS})
+    if cfg["shard"] != "none" and cfg["zero"]:
+        raise ConfigError(f"--shard={cfg['shard']} shards Adam's state already: leave --zero=False")
 
 
 def calibration_tokens(cfg, device, windows=32):
@@ -328,7 +335,8 @@ def train_step(raw, fwd, optimizer, batches, step, cfg, world, autocast):
     # any rank stops every rank)
     if world > 1:
         parts = torch.stack(list(parts_sum.values()))
-        all_reduce_mean([p.grad for p in raw.parameters() if p.grad is not None] + [parts], world)
+        grads = [p.grad for p in raw.parameters() if p.grad is not None and cfg["shard"] == "none"]
+        all_reduce_mean(grads + [parts], world)  # sharded: FSDP reduce-scattered the gradients
         parts_sum = dict(zip(parts_sum, parts))
     if not all(torch.isfinite(v) for v in parts_sum.values()):
         bad = {k: v.item() for k, v in parts_sum.items() if not torch.isfinite(v)}
@@ -336,6 +344,7 @@ def train_step(raw, fwd, optimizer, batches, step, cfg, world, autocast):
                                  f"last good checkpoint in {cfg['out_dir']} is untouched: resume "
                                  "with a lower lr")
     grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or float("inf"))
+    grad_norm = shard.full_norm(grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return lr, parts_sum, grad_norm
@@ -354,7 +363,7 @@ def preflight(cfg):
     if os.path.exists(cfg["out_dir"]) and not os.path.isdir(cfg["out_dir"]):
         raise ConfigError(f"--out_dir={cfg['out_dir']} is a file: choose a dir")
     device, dtype = resolve_system(cfg)
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt" if cfg["shard"] == "none" else CKPT)
     if not cfg["resume"] and os.path.exists(ckpt_path):
         raise ValueError(f"{ckpt_path} exists: pass --resume=True to continue that run, or choose another "
                          "out_dir (a new run never overwrites a checkpoint)")
@@ -390,12 +399,15 @@ def train(cfg):
     if cfg["method"] == "sft" and not batches.meta["mask"]:
         raise ValueError("method 'sft' learns assistant tokens only: prepare "
                          f"{cfg['data_dir']} with data.py --mask=True")
+    sharded = cfg["shard"] != "none"
+    if sharded:
+        model = shard.shard(model, cfg, device, dtype)
     optimizer = make_optimizer(model, cfg)
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt" if not sharded else CKPT)
     step = 0
     if cfg["resume"]:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = shard.read_meta(cfg["out_dir"]) if sharded else load_checkpoint(ckpt_path)
         changed = {k: (ckpt["config"].get(k), v) for k, v in cfg.items()
                    if ckpt["config"].get(k) != v and k != "resume"}
         for k in ("teacher", "method", "d_student", "clone_terms", "alignment", "student_config",
@@ -403,14 +415,17 @@ def train(cfg):
             if k in changed:
                 raise ValueError(f"--resume: {k} was {changed[k][0]!r} in the checkpoint, "
                                  f"now {changed[k][1]!r}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(one_group(ckpt["optimizer"], model))
-        torch.set_rng_state(ckpt["rng"])
+        if sharded:
+            torch.set_rng_state(shard.load(cfg["out_dir"], model, optimizer))
+        else:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(one_group(ckpt["optimizer"], model))
+            torch.set_rng_state(ckpt["rng"])
         step = ckpt["step"]
         log(f"resumed from {ckpt_path} at step {step}"
             + (f"; changed: {changed}" if changed else ""))
     raw = model
-    if world > 1:  # every rank starts from rank 0's parameters (they are equal already: same seed)
+    if world > 1 and not sharded:  # every rank starts from rank 0's parameters (equal already)
         for p in model.parameters():
             dist.broadcast(p.data, 0)
     fwd = torch.compile(model) if cfg["compile"] else model
@@ -455,10 +470,12 @@ def train(cfg):
         # not at the step the run started from: step 0 is untrained, and a resumed checkpoint is
         # already on disk
         if step > start_step and (step % cfg["ckpt_interval"] == 0 or last or stop):
-            # every rank: a sharded optimizer gathers its state on rank 0
-            state = optimizer_state(optimizer)
-            if master:
-                save_checkpoint(ckpt_path, raw, state, step, cfg)
+            if sharded:  # every rank writes its shard
+                shard.save(cfg["out_dir"], raw, optimizer, step, cfg)
+            else:  # every rank: a zero optimizer gathers its state on rank 0
+                state = optimizer_state(optimizer)
+                if master:
+                    save_checkpoint(ckpt_path, raw, state, step, cfg)
         if last or stop:
             break
 
@@ -486,10 +503,10 @@ def train(cfg):
     if stop:
         log(f"stopped at step {step} (NANOLRC_STOP_AT): {ckpt_path} saved; continue with "
             "--resume=True")
-    elif master:
+    elif master or sharded:  # sharded: every rank generates the student, rank 0 writes it
         student_dir = os.path.join(cfg["out_dir"], "student")
-        raw.export(student_dir, dtype=getattr(torch, cfg["export_dtype"]),
-                   tokenizer_dir=tokenizer_dir(cfg))
+        (shard.export if sharded else type(raw).export)(
+            raw, student_dir, dtype=getattr(torch, cfg["export_dtype"]), tokenizer_dir=tokenizer_dir(cfg))
         log(f"exported the student to {student_dir} after {step} steps "
             f"({step * tokens_per_step:,} tokens)")
     if master:
