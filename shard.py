@@ -17,10 +17,11 @@ replicated path's autocast gives them) and reduces gradients in fp32 into fp32 m
 LRC's one projection pass per step (lrc.LowRankClone.accumulate) is kept: the step's student weights are
 generated once, layer by layer, each unit all-gathered for its generation and freed after, and the
 gradients reach the projections once, at the end of the step, where FSDP reduce-scatters them. Inside
-the micro-batches only P_o and P_down are read (the clone targets of attn_out, ffn_out); their
-gradients are held unsharded until that last pass (set_requires_gradient_sync), so the reduce-scatter
-runs once per step whatever grad_accum is. What regenerating per micro-batch would change is argued on
-results/gpu.md (sharded mode).
+the micro-batches only P_o and P_down are read (the clone targets of attn_out, ffn_out): their
+gradients are reduce-scattered at each micro-batch's backward, as it reaches the layer. (Holding them
+unsharded until the last pass instead, set_requires_gradient_sync(False), fails under bf16: FSDP then
+accumulates them in fp32 beside the last pass's bf16 gradients, and its reduce-scatter wants one dtype.)
+What regenerating per micro-batch would change: docs/gpus.md (sharded mode).
 
 Checkpoints are torch's distributed checkpoint (DCP): out_dir/ckpt.dcp, one file per rank, readable on
 any number of ranks (8 -> 4, 2 -> 1); the exported student is one plain HF checkpoint written by rank 0.
@@ -47,9 +48,6 @@ CKPT = "ckpt.dcp"  # the sharded runs' checkpoint dir in out_dir (the replicated
 
 def shard(model, cfg, device, dtype):
     """Apply FSDP2 to an LRC model in place (before its optimizer is built) and return it."""
-    if not isinstance(model, LowRankClone):
-        raise ValueError(f"--shard={cfg['shard']}: only method 'lrc' is sharded; the baselines "
-                         "train replicated (--shard=none)")
     if not dist.is_initialized():
         return model  # one process: nothing to shard
     mesh = dist.device_mesh.init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
@@ -81,13 +79,9 @@ def shard(model, cfg, device, dtype):
     accumulate = model.accumulate
 
     def sharded_accumulate():
-        """accumulate(), with the gradients reduce-scattered at its last pass only."""
+        """accumulate(), then the teacher's layers all sharded again."""
         with accumulate() as weights:
-            model.set_requires_gradient_sync(False)
-            try:
-                yield weights
-            finally:
-                model.set_requires_gradient_sync(True)
+            yield weights
         for layer in teacher.layers:  # the last pass's backward left one teacher layer gathered
             if isinstance(layer, FSDPModule):
                 layer.reshard()

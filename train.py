@@ -135,6 +135,9 @@ def check_config(cfg):
         "export_dtype": ("float32", "bfloat16", "float16"), "shard": SHARDS})
     if cfg["shard"] != "none" and cfg["zero"]:
         raise ConfigError(f"--shard={cfg['shard']} shards Adam's state already: leave --zero=False")
+    if cfg["shard"] != "none" and cfg["method"] != "lrc":
+        raise ConfigError(f"--shard={cfg['shard']}: only method 'lrc' is sharded; the baselines train "
+                          "replicated (--shard=none)")
 
 
 def calibration_tokens(cfg, device, windows=32):
