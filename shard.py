@@ -1,31 +1,34 @@
 """
-Sharded training with torch's FSDP2, for recipes whose teacher or trainable state does not fit one GPU
-replicated. train.py calls it only where --shard is not "none"; the replicated path never reaches it.
+Sharded training with torch's FSDP2, for recipes whose teacher or trainable state does not fit one
+GPU replicated. train.py calls it only where --shard is not "none"; the replicated path never
+reaches it.
 
     torchrun --nproc_per_node=8 train.py config/lrc_llama_8b.py          # the recipe sets shard="all"
     torchrun --nproc_per_node=8 train.py config/lrc_qwen.py --shard=trainable
     python bench.py memory config/lrc_llama_8b.py                       # per-GPU memory and traffic
 
-shard="trainable": every layer's projections are one FSDP unit (`fully_shard` per layer), the student's
-RMSNorms and the embedding / head projections the root unit: each rank keeps 1/world of the trainable
-parameters, of their gradients and of Adam's state (ZeRO-3). shard="all": the frozen teacher's layers
-are sharded as well (their matrices; the vectors and the embedding and head stay whole), each
-all-gathered in turn as the interleaved forward reaches it, so that a teacher larger than one GPU works.
-Under bf16 FSDP's mixed precision policy all-gathers the projections in bf16 (the compute dtype the
-replicated path's autocast gives them) and reduces gradients in fp32 into fp32 master shards.
+shard="trainable": every layer's projections are one FSDP unit (`fully_shard` per layer), the
+student's RMSNorms and the embedding / head projections the root unit: each rank keeps 1/world of
+the trainable parameters, of their gradients and of Adam's state (ZeRO-3). shard="all": the frozen
+teacher's layers are sharded as well (their matrices; the vectors and the embedding and head stay
+whole), each all-gathered in turn as the interleaved forward reaches it, so that a teacher larger
+than one GPU works. Under bf16 FSDP's mixed precision policy all-gathers the projections in bf16
+(the compute dtype the replicated path's autocast gives them) and reduces gradients in fp32 into
+fp32 master shards.
 
-LRC's one projection pass per step (lrc.LowRankClone.accumulate) is kept: the step's student weights are
-generated once, layer by layer, each unit all-gathered for its generation and freed after, and the
-gradients reach the projections once, at the end of the step, where FSDP reduce-scatters them. Inside
-the micro-batches only P_o and P_down are read (the clone targets of attn_out, ffn_out): their
-gradients are reduce-scattered at each micro-batch's backward, as it reaches the layer. (Holding them
-unsharded until the last pass instead, set_requires_gradient_sync(False), fails under bf16: FSDP then
-accumulates them in fp32 beside the last pass's bf16 gradients, and its reduce-scatter wants one dtype.)
-What regenerating per micro-batch would change: docs/gpus.md (sharded mode).
+LRC's one projection pass per step (lrc.LowRankClone.accumulate) is kept: the step's student weights
+are generated once, layer by layer, each unit all-gathered for its generation and freed after, and
+the gradients reach the projections once, at the end of the step, where FSDP reduce-scatters them.
+Inside the micro-batches only P_o and P_down are read (the clone targets of attn_out, ffn_out):
+their gradients are reduce-scattered at each micro-batch's backward, as it reaches the layer.
+(Holding them unsharded until the last pass instead, set_requires_gradient_sync(False), fails under
+bf16: FSDP then accumulates them in fp32 beside the last pass's bf16 gradients, and its
+reduce-scatter wants one dtype.) Why not regenerate per micro-batch: docs/gpus.md, Sharded training.
 
-Checkpoints are torch's distributed checkpoint (DCP): out_dir/ckpt.dcp, one file per rank, readable on
-any number of ranks (8 -> 4, 2 -> 1); the exported student is one plain HF checkpoint written by rank 0.
-With one process there is nothing to shard: the model stays as it is, and only the checkpoint is DCP.
+Checkpoints are torch's distributed checkpoint (DCP): out_dir/ckpt.dcp, one file per rank, readable
+on any number of ranks (8 -> 4, 2 -> 1); the exported student is one plain HF checkpoint written by
+rank 0. With one process there is nothing to shard: the model stays as it is, and only the
+checkpoint is DCP.
 """
 import json
 import os

@@ -6,13 +6,14 @@ The sharded mode (shard.py, FSDP2) end to end on the CPU: torchrun with 2 gloo r
 What is checked, each against the replicated single-process run (grad_accum 2 = 2 ranks x 1): the sharded run
 (teacher sharded too) ends with the same parameters (fp32, rtol 1e-5) and exports the same student; resumed on 2
 ranks it is bit-exact; its checkpoint resumes on 1 rank; a bf16 run (FSDP's mixed precision) follows the same loss
-curve; bad settings stop with one line.
+curve; bad settings stop with one line; and memory.py's planner predicts the sharded code's real peak on the CPU.
 """
 import glob
 import json
 import os
 import re
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -117,3 +118,32 @@ def test_shard_errors(args, message):
 def test_new_sharded_run_never_overwrites_a_checkpoint(sharded_halfway):
     with pytest.raises(ValueError, match="ckpt.dcp exists: pass --resume=True"):
         train.preflight({**train.DEFAULTS, "out_dir": sharded_halfway, "shard": "all"})
+
+
+def test_memory_model_of_the_sharded_code_matches_a_real_cpu_run(tmp_path):
+    """memory.py's prediction for shard="trainable" on 2 ranks (fake tensors, a fake process group; FSDP's frees
+    counted) against the peak RSS of rank 0 running the same step and evaluation for real (torchrun, gloo), within
+    15% (test_bench's replicated check at the same shapes). shard="all" is not checked here: results/gpu.md."""
+    import sys
+    from model import ModelConfig, Transformer
+    cfg = ModelConfig(model_type="qwen2", vocab_size=16384, hidden_size=512, intermediate_size=1536,
+                      num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                      attention_bias=True, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    Transformer(cfg).init_weights(0.02).save_pretrained(str(tmp_path / "teacher"))
+    recipe = {**train.DEFAULTS, "teacher": str(tmp_path / "teacher"), "d_student": 256, "batch_size": 4,
+              "block_size": 256, "device": "cpu", "dtype": "float32", "eval_batches": 1, "shard": "trainable"}
+    script = tmp_path / "measure.py"
+    script.write_text("import json, sys, memory\n"
+                      "r = memory.measured_cpu(json.loads(sys.argv[1]))\n"
+                      "if 'predicted' in r:\n"
+                      "    open(sys.argv[2], 'w').write(json.dumps(r))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), json.dumps(recipe), str(tmp_path / "r.json")], cwd=root,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = json.loads((tmp_path / "r.json").read_text())
+    print(f"predicted {r['predicted'] / 2**20:.1f} MiB, measured {r['measured'] / 2**20:.1f} MiB")
+    assert abs(r["predicted"] / r["measured"] - 1) < 0.15, r
