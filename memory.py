@@ -1,7 +1,7 @@
 """
 The memory planner: a recipe's peak GPU memory per rank, predicted on any machine (no GPU needed).
 
-    python memory.py config/lrc_qwen.py [--world_size=8] [--zero=True] [--key=value ...]
+    python memory.py config/lrc_qwen.py [--world_size=8] [--zero=True | --shard=all] [--key=value ...]
     python bench.py memory config/lrc_qwen.py ...          # the same command, through bench.py
 
 It runs train.py's own code at the recipe's real shapes: the teacher built from its config.json
@@ -9,8 +9,10 @@ alone (config/shapes/ for the paper recipes, SHAPES; no weights are read), the s
 train.train_step and one train.evaluate, on fake tensors of a fake GPU device (CUDA's autocast
 casts and flash attention emulated: FakeGPU) with a fake process group of world_size ranks. It
 predicts the live tensor bytes by what holds them (LiveBytes) at the step's peak, the evaluation's
-peak, the FLOPs per step, and last 'predicted peak per GPU: N GiB'. A collective given a tensor of
-another device fails as nccl would, so such a GPU-only bug shows here first. Not counted: the CUDA
+peak, the FLOPs per step, the bytes each collective sends per GPU in a step (Traffic) with their
+time at stated bandwidths (LINKS), and last 'predicted peak per GPU: N GiB'. A sharded recipe
+(--shard) is planned with FSDP2 applied as train.py applies it (shard.py). A collective given a
+tensor of another device fails as nccl would, so such a GPU-only bug shows here first. Not counted: the CUDA
 context, NCCL's buffers, the allocator's rounding and fragmentation. How close it comes to a real
 GPU's peak: see results/README.md (gpu.md). The options are train.DEFAULTS and MEMORY_OPTS, as
 --key=value.

@@ -36,7 +36,6 @@ from losses import head_chunk
 from lrc import CALIBRATED_INITS, CLONE_TERMS
 from model import RMSNorm
 import shard
-from shard import CKPT, SHARDS
 from tokenizer import load_tokenizer
 
 DEFAULTS = dict(
@@ -132,7 +131,7 @@ def check_config(cfg):
         "temperature": POSITIVE, "warmup_ratio": FRACTION, "alpha_kl": FRACTION,
         "beta1": unit, "beta2": unit,
     }, {"decay": ("linear", "cosine"), "method": METHODS,
-        "export_dtype": ("float32", "bfloat16", "float16"), "shard": SHARDS})
+        "export_dtype": ("float32", "bfloat16", "float16"), "shard": shard.SHARDS})
     if cfg["shard"] != "none" and cfg["zero"]:
         raise ConfigError(f"--shard={cfg['shard']} shards Adam's state already: leave --zero=False")
     if cfg["shard"] != "none" and cfg["method"] != "lrc":
@@ -366,7 +365,7 @@ def preflight(cfg):
     if os.path.exists(cfg["out_dir"]) and not os.path.isdir(cfg["out_dir"]):
         raise ConfigError(f"--out_dir={cfg['out_dir']} is a file: choose a dir")
     device, dtype = resolve_system(cfg)
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt" if cfg["shard"] == "none" else CKPT)
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt" if cfg["shard"] == "none" else shard.CKPT)
     if not cfg["resume"] and os.path.exists(ckpt_path):
         raise ValueError(f"{ckpt_path} exists: pass --resume=True to continue that run, or choose another "
                          "out_dir (a new run never overwrites a checkpoint)")
@@ -407,7 +406,7 @@ def train(cfg):
         model = shard.shard(model, cfg, device, dtype)
     optimizer = make_optimizer(model, cfg)
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt" if not sharded else CKPT)
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt" if not sharded else shard.CKPT)
     step = 0
     if cfg["resume"]:
         ckpt = shard.read_meta(cfg["out_dir"]) if sharded else load_checkpoint(ckpt_path)
@@ -508,8 +507,11 @@ def train(cfg):
             "--resume=True")
     elif master or sharded:  # sharded: every rank generates the student, rank 0 writes it
         student_dir = os.path.join(cfg["out_dir"], "student")
-        (shard.export if sharded else type(raw).export)(
-            raw, student_dir, dtype=getattr(torch, cfg["export_dtype"]), tokenizer_dir=tokenizer_dir(cfg))
+        export_dtype = getattr(torch, cfg["export_dtype"])
+        if sharded:
+            shard.export(raw, student_dir, export_dtype, tokenizer_dir(cfg))
+        else:
+            raw.export(student_dir, dtype=export_dtype, tokenizer_dir=tokenizer_dir(cfg))
         log(f"exported the student to {student_dir} after {step} steps "
             f"({step * tokens_per_step:,} tokens)")
     if master:
