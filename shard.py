@@ -14,7 +14,8 @@ teacher's layers are sharded as well (their matrices; the vectors and the embedd
 whole), each all-gathered in turn as the interleaved forward reaches it, so that a teacher larger
 than one GPU works. Under bf16 FSDP's mixed precision policy all-gathers the projections in bf16
 (the compute dtype the replicated path's autocast gives them) and reduces gradients in fp32 into
-fp32 master shards.
+fp32 master shards; the student's RMSNorm weights are gathered in bf16 too (the replicated path
+multiplies by their fp32 masters), a difference within bf16's rounding (tests/test_shard.py).
 
 LRC's one projection pass per step (lrc.LowRankClone.accumulate) is kept: the step's student weights
 are generated once, layer by layer, each unit all-gathered for its generation and freed after, and
@@ -130,7 +131,7 @@ def full_norm(norm):
 def save(out_dir, model, optimizer, step, cfg):
     """Every rank writes its shard into a fresh sibling of out_dir/ckpt.dcp, with the step, the config
     and the RNG state; rank 0 then renames it over the old one: a crash mid-write never replaces the
-    last good checkpoint."""
+    last good checkpoint (one between the two renames leaves it as ckpt.dcp.old)."""
     path, master = os.path.join(out_dir, CKPT), not dist.is_initialized() or dist.get_rank() == 0
     tmp = path + ".tmp"
     if master and os.path.exists(tmp):
