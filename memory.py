@@ -1,7 +1,7 @@
 """
 The memory planner: a recipe's peak GPU memory per rank, predicted on any machine (no GPU needed).
 
-    python memory.py config/lrc_qwen.py [--world_size=8] [--zero=True] [--key=value ...]
+    python memory.py config/lrc_qwen.py [--world_size=8] [--zero=True | --shard=all] [--key=value ...]
     python bench.py memory config/lrc_qwen.py ...          # the same command, through bench.py
 
 It runs train.py's own code at the recipe's real shapes: the teacher built from its config.json
@@ -9,8 +9,10 @@ alone (config/shapes/ for the paper recipes, SHAPES; no weights are read), the s
 train.train_step and one train.evaluate, on fake tensors of a fake GPU device (CUDA's autocast
 casts and flash attention emulated: FakeGPU) with a fake process group of world_size ranks. It
 predicts the live tensor bytes by what holds them (LiveBytes) at the step's peak, the evaluation's
-peak, the FLOPs per step, and last 'predicted peak per GPU: N GiB'. A collective given a tensor of
-another device fails as nccl would, so such a GPU-only bug shows here first. Not counted: the CUDA
+peak, the FLOPs per step, the bytes each collective sends per GPU in a step (Traffic) with their
+time at stated bandwidths (LINKS), and last 'predicted peak per GPU: N GiB'. A sharded recipe
+(--shard) is planned with FSDP2 applied as train.py applies it (shard.py). A collective given a
+tensor of another device fails as nccl would, so such a GPU-only bug shows here first. Not counted: the CUDA
 context, NCCL's buffers, the allocator's rounding and fragmentation. How close it comes to a real
 GPU's peak: see results/README.md (gpu.md). The options are train.DEFAULTS and MEMORY_OPTS, as
 --key=value.
@@ -24,12 +26,14 @@ from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 import common
 import lrc
+import shard
 import train
 from bench import autocast_for, mem_mark, mem_peak, print_table, without_pca
 from configurator import AT_LEAST_1, ConfigError, check_ranges, configure_or_exit, run_or_exit
@@ -39,7 +43,8 @@ MEMORY_OPTS = dict(world_size=8)  # beside every key of train.DEFAULTS
 FAKE_DEVICE = "fakecuda"
 # the paper teachers' config.json (config/shapes), used where a recipe leaves teacher empty
 SHAPES = {"lrc_qwen.py": "Qwen2.5-3B-Instruct", "lrc_llama.py": "Llama-3.2-3B-Instruct",
-          "lrc_qwen_4b.py": "Qwen2.5-7B-Instruct", "lrc_qwen3.py": "Qwen3-4B"}
+          "lrc_qwen_4b.py": "Qwen2.5-7B-Instruct", "lrc_qwen3.py": "Qwen3-4B",
+          "lrc_llama_8b.py": "Llama-3.1-8B-Instruct", "lrc_qwen3_8b.py": "Qwen3-8B"}
 # what CUDA autocast runs in bf16 (matmul-like ops), and in fp32 when given bf16 (of those train.py
 # reaches)
 AUTOCAST_LOW = {F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__,
@@ -50,7 +55,16 @@ AUTOCAST_FP32 = {F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax, 
                  torch.exp, torch.Tensor.exp, torch.pow, torch.Tensor.pow, torch.square,
                  torch.Tensor.square, torch.rsqrt, torch.Tensor.rsqrt}  # square: autocast sees pow
 COLLECTIVES = ("all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_tensor",
-               "reduce_scatter", "reduce_scatter_tensor", "all_to_all_single", "send", "recv")
+               "reduce_scatter", "reduce_scatter_tensor", "all_to_all_single", "send", "recv",
+               "all_gather_single", "reduce_scatter_single")  # the last two: FSDP2's
+# Stated bandwidths, per GPU and direction: NVLink 4 (H100 / H200 SXM: 900 GB/s both ways) and one
+# 400 Gb/s NIC per GPU (InfiniBand / RoCE between nodes). Latency and protocol overhead not modelled.
+LINKS = {"NVLink": 450e9, "400 Gb/s": 50e9}
+# bytes each rank sends for a collective over S bytes on n ranks, as NCCL's ring algorithms do
+WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+        "reduce_scatter": lambda n: (n - 1) / n}
+MFU = 0.4  # the compute time a step's communication is set against: 40% of 989 TFLOP/s, near the
+# compiled Qwen recipe on one H100 (results/gpu.md)
 
 
 # -----------------------------------------------------------------------------
@@ -67,6 +81,10 @@ def setup_fake_device():
     from torch.utils import backend_registration
 
     class Module(backend_registration._DummyBackendModule):
+        # FSDP2's streams and events: torch.cpu's, which order nothing (no asynchrony to model)
+        Stream, Event, stream = torch.cpu.Stream, torch.cpu.Event, staticmethod(torch.cpu.stream)
+        current_stream = staticmethod(torch.cpu.current_stream)
+
         def get_amp_supported_dtype(self):
             return [torch.bfloat16, torch.float16]
     backend_registration._setup_privateuseone_for_python_backend(FAKE_DEVICE,
@@ -155,7 +173,7 @@ class LiveBytes(TorchDispatchMode):
         return out
 
     def add(self, t):
-        st = t.untyped_storage()
+        st = local(t).untyped_storage()
         # meta: shapes only (lrc's skeleton)
         if id(st) in self.live or st.nbytes() == 0 or t.device.type == "meta":
             return
@@ -176,11 +194,21 @@ class LiveBytes(TorchDispatchMode):
 
     def relabel(self, tensors, label):
         for t in tensors:
-            entry = self.live.get(id(t.untyped_storage()))
+            entry = self.live.get(id(local(t).untyped_storage()))
             if entry is not None and entry[0] != label:
                 self.count(entry[0], -entry[1])
                 entry[0] = label
                 self.count(label, entry[1])
+
+    def resized(self, t):
+        """FSDP frees an unsharded parameter by resizing its storage to 0 and refills the same one
+        (storage.resize_, which no dispatch mode sees): shard.py's planner calls this after each."""
+        entry = self.live.get(id(t.untyped_storage()))
+        if entry is None:
+            return self.add(t)
+        n = t.untyped_storage().nbytes()
+        self.count(entry[0], n - entry[1])
+        entry[1] = n
 
     def reset_peak(self):
         self.peak, self.at_peak = self.now, dict(self.by_label)
@@ -213,6 +241,27 @@ class RandomBatches:
         return range(0, n, self.world)  # rank 0's share
 
 
+def local(t):
+    """A sharded parameter's (DTensor's) local shard, what this rank holds; any other tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@contextmanager
+def fsdp_storage_seen(mem):
+    """FSDP2's frees and refills of unsharded parameters (storage.resize_) counted by mem."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    def seen(resize):
+        def resize_and_count(tensor):
+            resize(tensor)
+            mem.resized(tensor)
+        return resize_and_count
+    with patch.object(_fsdp_param, "free_storage", seen(_fsdp_param.free_storage)), \
+            patch.object(_fsdp_param, "alloc_storage", seen(_fsdp_param.alloc_storage)), \
+            patch.object(_fsdp_param_group, "alloc_storage", seen(_fsdp_param.alloc_storage)):
+        yield
+
+
 def from_config_json(cls, path, device="cpu", dtype=None):
     """Transformer.from_pretrained's model without the weights (config.json only): the dry run's."""
     cfg = ModelConfig.from_hf(read_json(os.path.join(path, "config.json")))
@@ -225,7 +274,7 @@ def from_config_json(cls, path, device="cpu", dtype=None):
         torch.set_default_dtype(default)
 
 
-def step_and_eval(cfg, world, device, mem, hooks=None):
+def step_and_eval(cfg, world, device, mem, hooks=None, traffic=None):
     """Build the model as train.py does, then two optimizer steps (train.train_step) and one
     evaluation (train.evaluate), with mem (LiveBytes) labelling what is allocated. Returns a report
     dict; its step peak is the second step's."""
@@ -235,6 +284,8 @@ def step_and_eval(cfg, world, device, mem, hooks=None):
     cfg = {**without_pca(cfg), "compile": False}
     with mem.phase("parameters"):
         model = common.build_model(cfg, device, dtype)
+        if cfg["shard"] != "none":
+            model = shard.shard(model, cfg, device, dtype)
         optimizer = train.make_optimizer(model, cfg)
     teacher = list(model.teacher.parameters()) if model.teacher is not None else []
     mem.relabel(teacher, "teacher (frozen)")
@@ -279,18 +330,21 @@ def step_and_eval(cfg, world, device, mem, hooks=None):
     with patch.object(lrc, "distill_head", labelled_head):
         for i in range(2):  # the second step is the steady state: Adam's state exists by then
             mem.reset_peak()
+            if traffic is not None:
+                traffic.rows = {}  # the second step's are reported
             with mem.phase("activations"):
                 train.train_step(model, model, optimizer, batches, i, cfg, world, autocast)
             for h in hooks or []:
                 h()
         step_peak, step_at_peak = mem.peak, mem.at_peak
+        step_traffic = dict(traffic.rows) if traffic is not None else {}
         mem.reset_peak()
         with mem.phase("evaluation"):
             train.evaluate(model, batches, cfg["eval_batches"], autocast)
         for h in hooks or []:
             h()
     eval_peak = mem.peak
-    sizes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    sizes = lambda ts: sum(local(t).numel() * t.element_size() for t in ts)  # noqa: E731
     state = optimizer.optim.state if hasattr(optimizer, "optim") else optimizer.state
     adam = (t for s in state.values() for t in s.values() if isinstance(t, torch.Tensor))
     return {"step_peak": step_peak, "at_peak": step_at_peak, "eval_peak": eval_peak,
@@ -299,7 +353,8 @@ def step_and_eval(cfg, world, device, mem, hooks=None):
             "trainable": sizes(model.parameters()),
             "n_trainable": sum(p.numel() for p in model.parameters()),
             "adam": sizes(adam), "flops_per_token": train.flops_per_token(model, cfg["block_size"]),
-            "dtype": dtype, "zero": hasattr(optimizer, "consolidate_state_dict")}
+            "dtype": dtype, "zero": hasattr(optimizer, "consolidate_state_dict"),
+            "traffic": step_traffic}
 
 
 # -----------------------------------------------------------------------------
@@ -319,6 +374,32 @@ def module_to_in_place(to):
     return module_to
 
 
+class Traffic:
+    """Bytes each collective moves per rank (WIRE), by collective and by the part of the step it runs
+    in: 'generated weights' (the step's generation), 'activations' and 'backward' (the micro-batches,
+    where FSDP overlaps it with compute), 'optimizer step' (accumulate's last pass and after: the
+    replicated gradients' all-reduce, which nothing hides)."""
+
+    def __init__(self, world):
+        self.world, self.rows, self.mem = world, {}, None
+
+    def counted(self, name, collective):
+        def count(*args, **kwargs):
+            self.record(name, args, kwargs)
+            return collective(*args, **kwargs)
+        return count
+
+    def record(self, name, args, kwargs):
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        size = max(t.numel() * t.element_size() for t in tensors)  # the whole, gathered or reduced
+        kind = name.replace("_single", "").replace("_into_tensor", "").replace("_tensor", "")
+        phase = self.mem.label if self.mem is not None else ""
+        if torch._C._current_graph_task_id() != -1:
+            phase = "backward" if phase == "activations" else f"{phase}, backward"
+        calls, sent = self.rows.get((kind, phase), (0, 0))
+        self.rows[kind, phase] = (calls + 1, sent + size * WIRE.get(kind, lambda n: 1)(self.world))
+
+
 def on_device_only(collective, device):
     """A collective that refuses tensors on another device than the run's, with nccl's message.
     (The fake process group does it for 'cuda:fake'; on the stand-in device it accepts CPU tensors,
@@ -331,49 +412,68 @@ def on_device_only(collective, device):
     return checked
 
 
-def dry_run(cfg, world):
-    """step_and_eval on fake tensors of the fake GPU device, with a fake process group of `world`
-    ranks (this is rank 0): collectives check their tensors' device as nccl does, and move no
-    data."""
+def dry_run(cfg, world, device=FAKE_DEVICE):
+    """step_and_eval on fake tensors of the fake GPU device (or of the CPU: measured_cpu's
+    prediction), with a fake process group of `world` ranks (this is rank 0): collectives check
+    their tensors' device as nccl does, and move no data."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
-    setup_fake_device()
+    if device == FAKE_DEVICE:
+        setup_fake_device()
     if dist.is_initialized():
         dist.destroy_process_group()
     if world > 1:
-        dist.init_process_group(f"{FAKE_DEVICE}:fake", store=FakeStore(), rank=0, world_size=world)
+        dist.init_process_group(f"{device}:fake", store=FakeStore(), rank=0, world_size=world)
     try:
         with contextlib.ExitStack() as stack:
+            traffic = Traffic(world)
             for name in COLLECTIVES:
-                checked = on_device_only(getattr(dist, name), FAKE_DEVICE)
+                checked = on_device_only(traffic.counted(name, getattr(dist, name)), device)
                 stack.enter_context(patch.object(dist, name, checked))
-            return fake_run(cfg, world, FAKE_DEVICE)
+            if world > 1:  # shard.py's mesh, made here: inside the fake mode its rank map is fake
+                mesh = dist.device_mesh.init_device_mesh(device, (world,))
+                stack.enter_context(patch.object(dist.device_mesh, "init_device_mesh",
+                                                 lambda *args, **kwargs: mesh))
+            return fake_run(cfg, world, device, traffic)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def fake_run(cfg, world, device):
-    """step_and_eval on fake tensors of device, the teacher built from its config.json alone."""
+def fake_run(cfg, world, device, traffic=None):
+    """step_and_eval on fake tensors of device, the teacher built from its config.json alone;
+    traffic: a Traffic the collectives report to."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     gpu = FakeGPU(device)
     with patch.object(Transformer, "from_pretrained", classmethod(from_config_json)), \
             patch.object(torch.nn.Module, "to", module_to_in_place(torch.nn.Module.to)), \
-            FakeTensorMode(), gpu, LiveBytes() as mem:
-        return step_and_eval(cfg, world, device, mem, hooks=[gpu.clear_cache])
+            FakeTensorMode(), gpu, LiveBytes() as mem, fsdp_storage_seen(mem):
+        if traffic is not None:
+            traffic.mem = mem
+        return step_and_eval(cfg, world, device, mem, hooks=[gpu.clear_cache], traffic=traffic)
 
 
 def measured_cpu(cfg):
-    """The same step and evaluation for real on the CPU (one process), in this fresh process: peak
-    RSS above the RSS before the model is built, and what LiveBytes (fake tensors, device cpu)
-    predicts for it. The check that the accounting is right, where a GPU is not at hand."""
+    """The same step and evaluation for real on the CPU, in this fresh process: peak RSS above the
+    RSS before the model is built, and what LiveBytes (fake tensors, device cpu) predicts for it.
+    The check that the accounting is right, where a GPU is not at hand. Under torchrun (gloo, e.g.
+    cfg's shard): this rank's peak, and the prediction on a fake process group of as many ranks."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        dist.init_process_group("gloo")
     # a warm-up of the same code at a tiny size: the libraries' one-time memory is paid here
     with LiveBytes() as mem:
-        step_and_eval({**cfg, "batch_size": 1, "block_size": 8}, 1, "cpu", mem)
+        step_and_eval({**cfg, "batch_size": 1, "block_size": 8}, world, "cpu", mem)
     base = mem_mark("cpu")
-    step_and_eval(cfg, 1, "cpu", LiveBytes())
+    step_and_eval(cfg, world, "cpu", LiveBytes())
     measured = mem_peak("cpu") - base
-    return {"measured": measured, "predicted": fake_run(cfg, 1, "cpu")["peak"]}
+    if world > 1:
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank > 0:  # rank 0's shards are the largest: predicted there
+            return {"measured": measured}
+    return {"measured": measured, "predicted": dry_run(cfg, world, "cpu")["peak"]}
 
 
 # -----------------------------------------------------------------------------
@@ -385,6 +485,24 @@ def memory_rows(r, world):
     teacher = "teacher (frozen, bf16)" if r["dtype"] == "bfloat16" else "teacher (frozen)"
     return [(teacher, r["teacher"]), ("trainable parameters (fp32)", r["trainable"]),
             (f"Adam state{zero}", r["adam"])]
+
+
+def print_traffic(r, tokens_per_step, world):
+    """The step's collectives: bytes each rank sends, and their time at the stated bandwidths
+    (LINKS) beside the step's compute per GPU at MFU."""
+    if not r["traffic"]:
+        return
+    rows = [[kind, phase, f"{calls:,}", f"{sent / 2**30:.2f}",
+             *[f"{sent / bw * 1e3:,.0f}" for bw in LINKS.values()]]
+            for (kind, phase), (calls, sent) in sorted(r["traffic"].items(), key=lambda kv: -kv[1][1])]
+    sent = sum(s for _, s in r["traffic"].values())
+    print_table(["collective per step", "in", "calls", "GiB sent", *[f"ms {k}" for k in LINKS]],
+                rows + [["total", "", "", f"{sent / 2**30:.2f}",
+                         *[f"{sent / bw * 1e3:,.0f}" for bw in LINKS.values()]]])
+    compute = tokens_per_step * r["flops_per_token"] / world / (MFU * 989e12)
+    print(f"compute per step per GPU: {compute * 1e3:,.0f} ms at {MFU:.0%} MFU of 989 TFLOP/s; "
+          f"bandwidths per GPU and direction: " + ", ".join(f"{k} {v / 1e9:.0f} GB/s"
+                                                            for k, v in LINKS.items()))
 
 
 def main(argv):
@@ -408,6 +526,7 @@ def main(argv):
     print(f"memory {cfg['method']} | teacher {cfg['teacher']} | d_student {cfg['d_student']} | "
           f"{world} ranks x {cfg['grad_accum']} micro-batches x {cfg['batch_size']} x "
           f"{cfg['block_size']} = {tokens_per_step:,} tokens per step | zero {cfg['zero']} | "
+          f"shard {cfg['shard']} | "
           f"recompute {cfg['recompute']}")
     print(f"dry run on fake '{FAKE_DEVICE}' tensors (nothing allocated), fake process group of "
           f"{world}; torch.compile skipped (compile={cfg['compile']} in the recipe)")
@@ -430,6 +549,7 @@ def main(argv):
     rows = [[k, f"{at[k] / 2**30:.2f}"] for k in order + sorted(set(at) - set(order)) if at.get(k)]
     print_table(["at the step's peak, live", "GiB"],
                 rows + [["total (step peak)", f"{r['step_peak'] / 2**30:.2f}"]])
+    print_traffic(r, tokens_per_step, world)
     print(f"evaluation peak: {r['eval_peak'] / 2**30:.2f} GiB (student materialised in bf16 + "
           "chunked val logits)")
     print("not counted: the CUDA context and NCCL buffers (~1 GiB), allocator rounding and "

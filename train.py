@@ -36,6 +36,7 @@ from data import Batches, check_compatible
 from losses import head_chunk
 from lrc import CALIBRATED_INITS, CLONE_TERMS
 from model import RMSNorm
+import shard
 from tokenizer import load_tokenizer
 
 DEFAULTS = dict(
@@ -102,7 +103,10 @@ DEFAULTS = dict(
     compile=False,  # torch.compile the training forward (minutes to compile on CPU, then faster)
     recompute=False,  # LRC: activation checkpointing per (teacher, student) layer pair: their
     # activations are recomputed in the backward instead of kept (less memory, more compute)
-    zero=False,  # shard Adam's state over the ranks (ZeRO-1: torch's ZeroRedundancyOptimizer)
+    zero=False,  # shard Adam's state over the ranks (ZeRO-1: torch's ZeroRedundancyOptimizer; the
+    # gradients are still all-reduced whole, and each rank broadcasts its updated parameters)
+    shard="none",  # LRC with FSDP2 (shard.py): "trainable" shards the projections, their gradients
+    # and Adam's state per layer (ZeRO-3); "all" also the teacher's layers. Checkpoint: ckpt.dcp
     dist_timeout_minutes=30.0,  # how long a rank waits in a collective before the run fails: the
     # others wait while rank 0 writes a checkpoint (17 GB for the 4B recipe) to a shared filesystem
     seed=1337,  # initialisation and data order
@@ -172,7 +176,12 @@ def check_config(cfg):
         "alpha_kl": FRACTION,
         "beta1": unit, "beta2": unit,
     }, {"decay": ("linear", "cosine"), "method": METHODS,
-        "export_dtype": ("float32", "bfloat16", "float16")})
+        "export_dtype": ("float32", "bfloat16", "float16"), "shard": shard.SHARDS})
+    if cfg["shard"] != "none" and cfg["zero"]:
+        raise ConfigError(f"--shard={cfg['shard']} shards Adam's state already: leave --zero=False")
+    if cfg["shard"] != "none" and cfg["method"] != "lrc":
+        raise ConfigError(f"--shard={cfg['shard']}: only method 'lrc' is sharded; the baselines train "
+                          "replicated (--shard=none)")
 
 
 def calibration_tokens(cfg, device, windows=32):
@@ -375,10 +384,12 @@ def train_step(raw, fwd, optimizer, batches, step, cfg, world, autocast):
     # any rank skips the step on every rank)
     if world > 1:
         parts = torch.stack(list(parts_sum.values()))
-        all_reduce_mean([p.grad for p in raw.parameters() if p.grad is not None] + [parts], world)
+        grads = [p.grad for p in raw.parameters() if p.grad is not None and cfg["shard"] == "none"]
+        all_reduce_mean(grads + [parts], world)  # sharded: FSDP reduce-scattered the gradients
         parts_sum = dict(zip(parts_sum, parts))
     # a NaN or inf anywhere in the gradients makes the norm NaN or inf
     grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or float("inf"))
+    grad_norm = shard.full_norm(grad_norm)
     finite = torch.isfinite(torch.stack([grad_norm, *parts_sum.values()])).all().item()
     if finite:
         optimizer.step()
@@ -404,12 +415,17 @@ def preflight(cfg):
         except ImportError:
             raise ConfigError("--wandb_log=True needs Weights & Biases: pip install wandb") from None
     device, dtype = resolve_system(cfg)
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    ckpt_path = checkpoint_path(cfg)
     if resume_mode(cfg) == "false" and os.path.exists(ckpt_path):
         raise ValueError(f"{ckpt_path} exists: pass --resume=True to continue that run (or "
                          "--resume=auto), or choose another out_dir (a new run never overwrites a "
                          "checkpoint)")
     return device, dtype
+
+
+def checkpoint_path(cfg):
+    """out_dir/ckpt.pt, or the sharded runs' DCP dir out_dir/ckpt.dcp (shard.py)."""
+    return os.path.join(cfg["out_dir"], "ckpt.pt" if cfg["shard"] == "none" else shard.CKPT)
 
 
 def resume_mode(cfg):
@@ -426,7 +442,12 @@ def strict(row):
 
 
 def all_finite(model):
-    return all(torch.isfinite(p).all() for p in model.parameters())
+    """Whether every weight is finite, on every rank (sharded weights: each rank checks its shard)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    finite = torch.stack([torch.isfinite(t).all() for t in local]).all().float()
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 def train(cfg):
@@ -436,7 +457,7 @@ def train(cfg):
     master = rank == 0
     os.makedirs(cfg["out_dir"], exist_ok=True)
     check_shared(cfg["out_dir"], rank, world, device)
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    ckpt_path = checkpoint_path(cfg)
     # every rank sees the same out_dir now, so every rank decides alike
     resume = resume_mode(cfg) == "true" or (resume_mode(cfg) == "auto" and os.path.exists(ckpt_path))
     torch.manual_seed(cfg["seed"])  # same initial projections on every rank
@@ -463,10 +484,13 @@ def train(cfg):
     if cfg["method"] == "sft" and not batches.meta["mask"]:
         raise ValueError("method 'sft' learns assistant tokens only: prepare "
                          f"{cfg['data_dir']} with data.py --mask=True")
+    sharded = cfg["shard"] != "none"
+    if sharded:
+        model = shard.shard(model, cfg, device, dtype)
     optimizer = make_optimizer(model, cfg)
     step, skipped, wandb_id = 0, 0, None
     if resume:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = shard.read_meta(cfg["out_dir"]) if sharded else load_checkpoint(ckpt_path)
         changed = {k: (ckpt["config"].get(k), v) for k, v in cfg.items()
                    if ckpt["config"].get(k) != v and k != "resume"}
         for k in ("teacher", "method", "d_student", "clone_terms", "alignment", "student_config",
@@ -474,14 +498,17 @@ def train(cfg):
             if k in changed:
                 raise ValueError(f"--resume: {k} was {changed[k][0]!r} in the checkpoint, "
                                  f"now {changed[k][1]!r}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(one_group(ckpt["optimizer"], model))
-        torch.set_rng_state(ckpt["rng"])
+        if sharded:
+            torch.set_rng_state(shard.load(cfg["out_dir"], model, optimizer))
+        else:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(one_group(ckpt["optimizer"], model))
+            torch.set_rng_state(ckpt["rng"])
         step, skipped, wandb_id = ckpt["step"], ckpt.get("skipped", 0), ckpt.get("wandb_id")
         log(f"resumed from {ckpt_path} at step {step}"
             + (f"; changed: {changed}" if changed else ""))
     raw = model
-    if world > 1:  # every rank starts from rank 0's parameters (they are equal already: same seed)
+    if world > 1 and not sharded:  # every rank starts from rank 0's parameters (equal already)
         for p in model.parameters():
             dist.broadcast(p.data, 0)
     fwd = torch.compile(model) if cfg["compile"] else model
@@ -511,11 +538,14 @@ def train(cfg):
                 dashboard.log({k: v for k, v in row.items() if k != "step" and v is not None},
                               step=row["step"])
 
-    def save(path):  # on every rank: a sharded optimizer gathers its state on rank 0
-        state = optimizer_state(optimizer)
+    def save():  # on every rank
+        loop_state = dict(skipped=skipped, wandb_id=dashboard.id if dashboard else wandb_id)
+        if sharded:  # every rank writes its shard
+            shard.save(cfg["out_dir"], raw, optimizer, step, cfg, **loop_state)
+            return
+        state = optimizer_state(optimizer)  # a zero optimizer gathers its state on rank 0
         if master:
-            save_checkpoint(path, raw, state, step, cfg,
-                            skipped=skipped, wandb_id=dashboard.id if dashboard else wandb_id)
+            save_checkpoint(ckpt_path, raw, state, step, cfg, **loop_state)
         if world > 1:  # the others wait for the file here, up to dist_timeout_minutes
             dist.barrier()
 
@@ -532,20 +562,23 @@ def train(cfg):
         last = step >= cfg["max_steps"] or out_of_time
         # stop_at acts like a preemption: save and exit, leaving this step's eval to the resumed run
         stop = not last and 0 < stop_at <= step
-        if step > start_step and not all_finite(raw):  # Adam overflowed from finite gradients
+        evaluating = (step % cfg["eval_interval"] == 0 or last) and not stop
+        # not at the step the run started from: step 0 is untrained, and a resumed checkpoint is
+        # already on disk
+        saving = step > start_step and (step % cfg["ckpt_interval"] == 0 or last or stop)
+        if step > start_step and (evaluating or saving) and not all_finite(raw):
+            # Adam overflowed from finite gradients: nothing is written from such weights
             raise FloatingPointError(f"step {step}: the weights are not finite; stopped without "
                                      f"saving, the last good checkpoint in {cfg['out_dir']} is "
                                      "untouched: resume with a lower lr")
-        if (step % cfg["eval_interval"] == 0 or last) and not stop:
+        if evaluating:
             ev = evaluate(raw, batches, cfg["eval_batches"], autocast)
             bar.write(f"step {step}: val loss {ev['val_loss']:.4f}" + (
                 f" (teacher {ev['teacher_val_loss']:.4f}) | KL {ev['val_kl']:.4f} | agreement "
                 f"{ev['val_agreement']:.1%}" if "val_kl" in ev else "")) if master else None
             record({"step": step, "tokens": step * tokens_per_step, **ev})
-        # not at the step the run started from: step 0 is untrained, and a resumed checkpoint is
-        # already on disk
-        if step > start_step and (step % cfg["ckpt_interval"] == 0 or last or stop):
-            save(ckpt_path)
+        if saving:
+            save()
         if last or stop:
             break
 
@@ -591,10 +624,13 @@ def train(cfg):
     if stop:
         log(f"stopped at step {step} (NANOLRC_STOP_AT): {ckpt_path} saved; continue with "
             "--resume=True")
-    elif master:
+    elif master or sharded:  # sharded: every rank generates the student, rank 0 writes it
         student_dir = os.path.join(cfg["out_dir"], "student")
-        raw.export(student_dir, dtype=getattr(torch, cfg["export_dtype"]),
-                   tokenizer_dir=tokenizer_dir(cfg))
+        export_dtype = getattr(torch, cfg["export_dtype"])
+        if sharded:
+            shard.export(raw, student_dir, export_dtype, tokenizer_dir(cfg))
+        else:
+            raw.export(student_dir, dtype=export_dtype, tokenizer_dir=tokenizer_dir(cfg))
         log(f"exported the student to {student_dir} after {step} steps "
             f"({step * tokens_per_step:,} tokens" + (f", {skipped} skipped" if skipped else "") + ")")
     if master:

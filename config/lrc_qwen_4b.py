@@ -7,7 +7,9 @@
 # hyperparameter table (it gives 4.35B parameters with the untied head): check it against the
 # released LRC-4B's config.json before a real run. lr, tokens per step, T and warmup are not
 # published for this model: taken from the LRC-1.7B recipe. The official runs use DeepSpeed ZeRO-2
-# (configs/accel_ds_8h800_gas1.yaml).
+# (configs/accel_ds_8h800_gas1.yaml); here FSDP2 shards the projections, their gradients, Adam's state
+# and the teacher's layers (shard="all", shard.py): 52.9 GiB per GPU predicted on 8 ranks, against
+# 79.8 replicated and 63.6 with the teacher whole (results/gpu.md).
 teacher = ""  # set --teacher= to the HF dir of Qwen2.5-7B-Instruct
 # set --data_dir= to the output of data.py for that teacher (Mixed-2.0 in the paper, not public)
 data_dir = ""
@@ -21,7 +23,7 @@ tokens_per_step = 32_768  # not published for LRC-4B (the LRC-1.7B value)
 max_tokens = 18_000_000_000
 sampling = "epoch"  # one pass over the packed data, as the paper trains
 lr = 6.7e-5  # not published for LRC-4B (the LRC-1.7B value)
-zero = True  # shard Adam's state over the ranks (the official runs: ZeRO-2)
+shard = "all"  # FSDP2 (shard.py); checkpoints in out_dir/ckpt.dcp
 eval_interval = 2000
 eval_batches = 20
 log_interval = 20
