@@ -102,12 +102,12 @@ def read_records(path, src=None):
     """A file's records in order: a str per .txt block, a dict per JSON or parquet record."""
     try:
         if path.endswith(".txt"):
-            yield from _txt_blocks(path)
+            yield from _txt_blocks(path, BLOCK)
         elif path.endswith(".parquet"):
             yield from _parquet_records(path, src or {})
         else:
             with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-                yield from (_json_array(f, path) if path.endswith(".json") and _peek(f) == "["
+                yield from (_json_array(f, path, BLOCK) if path.endswith(".json") and _peek(f) == "["
                             else _json_lines(f, path))
     except (UnicodeDecodeError, EOFError, OSError, zlib.error, *_arrow_errors()) as e:
         # their messages name no file
@@ -150,7 +150,7 @@ BLOCK = 1 << 20  # characters read at a time
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 
 
-def _txt_blocks(path, block=BLOCK):
+def _txt_blocks(path, block):
     """The blocks between blank lines, as splitting the whole text at blank lines would give."""
     with open(path, encoding="utf-8") as f:
         text, scan = "", 0  # text: not yet yielded; no blank line starts before text[scan]
@@ -194,7 +194,7 @@ def _peek(f):
 LARGEST_RECORD = 1 << 26  # characters: a longer "record" is a broken file, not a document
 
 
-def _json_array(f, path, block=BLOCK):
+def _json_array(f, path, block):
     """The records of a JSON array, decoded one at a time from a rolling buffer of the text: memory
     holds a block and the record being decoded, never the whole array."""
     decoder, ws = json.JSONDecoder(), re.compile(r"\s*")
