@@ -416,19 +416,27 @@ def bench_tokenize(argv):
     docs = [d for f in sources.source_files(src) for r in sources.read_records(f, src)
             if isinstance(d := sources.document(r, src), str)]
     n_bytes = sum(len(d.encode()) for d in docs)
-    print(f"{len(docs):,} documents, {n_bytes / 2**20:.1f} MiB of text | {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores | tokenizer {os.path.basename(path)}")
+    print(f"{len(docs):,} documents, {n_bytes / 2**20:.1f} MiB of text | {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.1f} | tokenizer {os.path.basename(path)}")
 
-    def processes(n, encode):  # tokens and wall seconds of n forked processes encoding a share each
-        queue, ctx = multiprocessing.get_context("fork").SimpleQueue(), multiprocessing.get_context("fork")
+    def processes(n, encode):  # tokens of n forked processes encoding a share of the documents each
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.SimpleQueue()
         procs = [ctx.Process(target=lambda k=k: queue.put(encode(docs[k::n]))) for k in range(n)]
-        t0 = time.perf_counter()
         for p in procs:
             p.start()
         tokens = sum(queue.get() for _ in procs)
         for p in procs:
             p.join()
-        return tokens, time.perf_counter() - t0
+        return tokens
+
+    def measured(run):  # (tokens, wall s, CPU s of this process and its children, all cores)
+        def cpu():
+            usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+            return sum(r.ru_utime + r.ru_stime for r in usage)
+        c0, t0 = cpu(), time.perf_counter()
+        tokens = run()
+        return tokens, time.perf_counter() - t0, cpu() - c0
 
     def tiktoken_side(share):
         return sum(map(len, tok.enc.encode_ordinary_batch(share, num_threads=1)))
@@ -442,26 +450,28 @@ def bench_tokenize(argv):
 
     def data_side(n):
         with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
             meta = data.prepare(tok, [src], os.path.join(tmp, "out"), num_proc=n)
-            return sum(meta["tokens"].values()) - meta["documents"]["train"] - \
-                meta["documents"]["val"], time.perf_counter() - t0  # EOS tokens not counted
+        # without the EOS data.py adds to each document
+        return sum(meta["tokens"].values()) - sum(meta["documents"].values())
 
     rows = []
     for n in [int(x) for x in str(o["num_proc"]).split(",")]:
-        best = {}
+        best = {}  # the best of repeat runs: (tokens / wall s, tokens / CPU s, tokens)
         for _ in range(o["repeat"]):
             for name, run in (("data.py", lambda: data_side(n)),
                               ("tiktoken", lambda: processes(n, tiktoken_side)),
                               ("tokenizers", lambda: processes(n, hf_side))):
-                tokens, seconds = run()
-                best[name] = max(best.get(name, (0, 0)), (tokens / seconds, tokens))
-        rate = {k: v[0] for k, v in best.items()}
-        rows.append([n, *(f"{rate[k] / 1e6:.2f}M" for k in ("data.py", "tiktoken", "tokenizers")),
-                     f"{rate['data.py'] / rate['tiktoken']:.2f}", f"{best['data.py'][1]:,}",
-                     f"{best['tiktoken'][1]:,}"])
+                tokens, wall, cpu = measured(run)
+                old = best.get(name, (0, 0, 0))
+                best[name] = (max(old[0], tokens / wall), max(old[1], tokens / cpu), tokens)
+        names = ("data.py", "tiktoken", "tokenizers")
+        rows.append([n, *(f"{best[k][0] / 1e6:.2f}M" for k in names),
+                     *(f"{best[k][1] / 1e6:.2f}M" for k in names),
+                     f"{best['data.py'][1] / best['tiktoken'][1]:.2f}",
+                     f"{best['data.py'][2]:,} / {best['tiktoken'][2]:,}"])
     print_table(["num_proc", "data.py tok/s", "tiktoken tok/s", "tokenizers tok/s",
-                 "data.py / tiktoken", "data.py tokens", "tiktoken tokens"], rows)
+                 "data.py tok/CPU-s", "tiktoken tok/CPU-s", "tokenizers tok/CPU-s",
+                 "data.py / tiktoken per CPU-s", "tokens data.py / tiktoken"], rows)
 
 
 if __name__ == "__main__":

@@ -2,39 +2,39 @@
 Training data for nanoLRC: preparation (sources -> token bins) and loading (reproducible batches).
 
 Tokenize sources into train.bin / val.bin (uint32 token ids, documents each followed by EOS) and
-meta.json:
+meta.json, the data card:
 
     python data.py --tokenizer=$HOME/.cache/nanolrc/SmolLM2-135M-Instruct --out=data/kjv \
         --source=kjv.txt
-    python data.py --tokenizer=TEACHER_DIR --out=data/mix \
-        --source=fineweb-edu.parquet:filter=int_score>=4:budget=18B \
-        --source=openhermes.jsonl:field=conversations:budget=2B --num_proc=8
-    python data.py --tokenizer=TEACHER_DIR --out=data/sft --source=ultrachat.jsonl:field=messages \
-        --mask=True
+    python data.py --tokenizer=TEACHER_DIR --out=data/mix --num_proc=16 --resume=True \
+        '--source=fineweb-edu/data/*/*.parquet:filter=int_score>=4:budget=20B' \
+        --source=openhermes2_5.json:field=conversations:budget=450M
+    python data.py --tokenizer=TEACHER_DIR --out=data/sft --mask=True \
+        '--source=ultrachat_200k/data/train_sft-*.parquet:field=messages'
+    python data.py --info=data/mix   # the card: tokenizer, splits, per source files, kept, dropped
     python data.py ... --out=data/kjv --overwrite=True  # replace prepared data (kept until the new
                                                         # is complete)
 
 Keys are set as in every script (configurator.py; python data.py --help lists them); each --source
-adds one source. A source is PATH[:field=NAME][:budget=N][:filter=EXPR]:
-  .txt               documents are blocks separated by blank lines (a file without blank lines is
-                     one document)
-  .jsonl, .jsonl.gz  one record per line; the document is record[field] (default "text", else
-                     "messages")
-  .parquet           the same records, read with pyarrow
-  A field holding a list of messages ({role, content} or ShareGPT's {from, value}) is a chat,
-  rendered with the tokenizer's chat template. budget: stop the source after the document that
-  reaches N tokens (1.5M, 2B). filter: keep records where a numeric field passes a comparison, e.g.
-  int_score>=4 (FineWeb-Edu in the paper).
+adds one source: PATH[:field=NAME][:budget=N][:filter=EXPR], PATH a file, a directory or a glob of
+.txt, .json (an array of records, or one a line), .jsonl(.gz) and .parquet files (sources.py). The
+budget and the filter apply to the source as a whole: budget stops it after the document that
+reaches N tokens (1.5M, 2B); filter keeps records where a numeric field passes a comparison.
+
+The work is done in OUT.partial beside OUT, which saves its progress after every file and every
+64M tokens; a run that was stopped (kill -9, a crash, a lost node) continues with the same command
+and --resume=True, to the bytes an uninterrupted run writes, and OUT appears only when complete.
+Memory does not grow with the corpus: files are streamed, documents written as they are tokenized.
 
 Training reads the bins through `Batches` (random windows or one pass in a seeded order,
 reproducible per step; see below). The tokenizer (the teacher's, as tiktoken) is tokenizer.py's.
 
 In this file, in order:
-  preparation  parse_source, iter_documents (txt / jsonl / parquet, filters, chats), prepare:
-               tokenize into train.bin / val.bin (+ masks) + meta.json, written whole or not at all
+  preparation  prepare: tokenize sources (sources.py reads them) into OUT.partial, resumable, then
+               rename it to OUT with meta.json; check_out_dir refuses what may not be replaced
   loading      check_compatible (the data's tokenizer and size against the run's), Batches (random
                windows or one seeded pass per epoch, each batch a pure function of the step)
-  main         the command line above
+  main         the command line above; --info prints a data card
 """
 import itertools
 import os
@@ -98,7 +98,7 @@ def check_out_dir(out_dir, overwrite=False, resume=False):
     other files than prepared data (never replaced), prepared data without overwrite, or an
     unfinished preparation beside it without resume."""
     work = partial_dir(out_dir)
-    if os.path.exists(work) and not resume:
+    if os.path.isfile(os.path.join(work, PROGRESS)) and not resume:
         raise FileExistsError(f"{work} holds an unfinished preparation: pass --resume=True to "
                               "continue it (with the same sources and keys), or delete it to "
                               "start again")
@@ -192,6 +192,10 @@ def _start(work, settings, names):
             os.truncate(p, size)  # what was written after the last checkpoint is written again
         return progress
     if os.path.exists(work):  # killed before its first checkpoint: nothing to keep
+        others = set(os.listdir(work)) - {*PREPARED_FILES, PROGRESS + ".tmp"}
+        if others:
+            raise FileExistsError(f"{work} holds files data.py did not write ({sorted(others)[0]}"
+                                  f"{', ...' if len(others) > 1 else ''}): move it away")
         shutil.rmtree(work)
     os.makedirs(work)
     for name in names:

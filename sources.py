@@ -4,7 +4,7 @@ records, streamed (memory does not grow with a file's size).
 
     src = parse_source("fineweb-edu/sample/10BT/*.parquet:filter=int_score>=4:budget=18B")
     for path in source_files(src):           # sorted
-        for rec in read_records(path, src):  # a str (.txt block) or a dict (a JSON / parquet record)
+        for rec in read_records(path, src):  # a str (a .txt block), or a dict (a record)
             doc = document(rec, src)         # None if the filter drops it; a str, or a chat
 
 A source is PATH[:field=NAME][:budget=N][:filter=EXPR]; PATH is a file, a directory (every supported
@@ -107,8 +107,8 @@ def read_records(path, src=None):
             yield from _parquet_records(path, src or {})
         else:
             with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-                yield from (_json_array(f, path, BLOCK) if path.endswith(".json") and _peek(f) == "["
-                            else _json_lines(f, path))
+                array = path.endswith(".json") and _peek(f) == "["
+                yield from _json_array(f, path, BLOCK) if array else _json_lines(f, path)
     except (UnicodeDecodeError, EOFError, OSError, zlib.error, *_arrow_errors()) as e:
         # their messages name no file
         raise ValueError(f"source {path!r} cannot be read ({e}): is it "

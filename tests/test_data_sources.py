@@ -185,14 +185,14 @@ def replicas(tmp_path_factory):
 
 def test_readme_commands_on_the_real_layouts(replicas, tiny_teacher, tiny_tok, tmp_path, capsys):
     root, fineweb, hermes, chats = replicas
-    kept = [t for path, text, score in fineweb if "/sample/" in path
+    kept = [t for path, text, score in sorted(fineweb) if "/fineweb-edu/data/" in path
             for t, s in zip(text, score) if s >= 4]
     budget = sum(len(tiny_tok.encode(t)) + 1 for t in kept[:len(kept) // 2])  # half the source
     out = tmp_path / "mix"
     # README's pretraining mix: a glob of shards with a filter and one budget, and the JSON array
     code, _, err = data_py(capsys, f"--tokenizer={tiny_teacher}", f"--out={out}", "--num_proc=2",
                            "--val_fraction=0",
-                           f"--source={root}/fineweb-edu/sample/10BT/*.parquet:filter=int_score>=4:budget={budget}",
+                           f"--source={root}/fineweb-edu/data/*/*.parquet:filter=int_score>=4:budget={budget}",
                            f"--source={root}/openhermes2_5.json:field=conversations")
     assert code == 0, err[-3000:]
     eos = "<|im_end|>"
@@ -201,7 +201,7 @@ def test_readme_commands_on_the_real_layouts(replicas, tiny_teacher, tiny_tok, t
         "".join(tiny_tok.render_chat(c) + eos for c in hermes)
     meta = json.loads((out / "meta.json").read_text())
     fw, oh = meta["sources"]
-    shards = sorted(p for p, _, _ in fineweb if "/sample/" in p)
+    shards = sorted(p for p, _, _ in fineweb if "/fineweb-edu/data/" in p)
     # the data card: files read (the budget stops inside the second shard), kept and dropped
     read = shards[:2]
     assert fw["files"] == read and fw["tokens"] == budget and fw["documents"] == len(kept) // 2
