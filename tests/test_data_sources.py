@@ -329,3 +329,17 @@ def test_bad_sources_are_one_line_errors(replicas, tiny_teacher, tiny_tok, tmp_p
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
         assert code == 1 and len(errors) == 1 and message in errors[0], err[-2000:]
         assert bins(out) == before and not (tmp_path / "out.partial").exists()
+
+
+def test_a_run_killed_before_its_first_progress_starts_again(replicas, tiny_tok, tmp_path):
+    root, _, hermes, _ = replicas
+    src = [{"path": f"{root}/openhermes2_5.json"}]
+    (tmp_path / "out.partial").mkdir()
+    (tmp_path / "out.partial" / "train.bin").write_bytes(b"\0" * 12)  # no progress.json: nothing saved
+    meta = prepare(tiny_tok, src, str(tmp_path / "out"), val_fraction=0)
+    assert meta["documents"]["train"] == len(hermes) and not (tmp_path / "out.partial").exists()
+    (tmp_path / "o2.partial").mkdir()
+    (tmp_path / "o2.partial" / "mine.txt").write_text("not data.py's")
+    with pytest.raises(FileExistsError, match="holds files data.py did not write"):
+        prepare(tiny_tok, src, str(tmp_path / "o2"), val_fraction=0)
+    assert (tmp_path / "o2.partial" / "mine.txt").read_text() == "not data.py's"
