@@ -395,9 +395,89 @@ def bench_memory(argv):
     return memory.main(argv)
 
 
+def bench_tokenize(argv):
+    """python bench.py tokenize --source='corpus/*.parquet' [--tokenizer=HF_DIR] [--num_proc=1,2]
+    [--repeat=2]: tokens/s of data.py's preparation of a source (parquet shards of text, say)
+    against the bare tokenizers on the same documents at the same process counts: tiktoken's
+    encode_ordinary_batch (data.py's Encoding without its special-token and unk handling) and HF
+    tokenizers' encode_batch (what datasets.map runs), each process encoding its share of the
+    documents on one thread. data.py's time is the whole command's: reading, tokenizing, writing.
+    The best of repeat runs of each, alternated."""
+    import tempfile
+
+    import data
+    import sources
+    from tokenizer import load_tokenizer
+    o = configure_or_exit(dict(tokenizer="", source="", num_proc="1,2", repeat=2), argv)
+    if not o["source"]:
+        raise ConfigError("no --source set: pass --source=PATH (a data.py source)")
+    path = o["tokenizer"] or demo.convert_teacher()
+    tok, src = load_tokenizer(path), sources.parse_source(o["source"])
+    docs = [d for f in sources.source_files(src) for r in sources.read_records(f, src)
+            if isinstance(d := sources.document(r, src), str)]
+    n_bytes = sum(len(d.encode()) for d in docs)
+    print(f"{len(docs):,} documents, {n_bytes / 2**20:.1f} MiB of text | {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.1f} | tokenizer {os.path.basename(path)}")
+
+    def processes(n, encode):  # tokens of n forked processes encoding a share of the documents each
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.SimpleQueue()
+        procs = [ctx.Process(target=lambda k=k: queue.put(encode(docs[k::n]))) for k in range(n)]
+        for p in procs:
+            p.start()
+        tokens = sum(queue.get() for _ in procs)
+        for p in procs:
+            p.join()
+        return tokens
+
+    def measured(run):  # (tokens, wall s, CPU s of this process and its children, all cores)
+        def cpu():
+            usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+            return sum(r.ru_utime + r.ru_stime for r in usage)
+        c0, t0 = cpu(), time.perf_counter()
+        tokens = run()
+        return tokens, time.perf_counter() - t0, cpu() - c0
+
+    def tiktoken_side(share):
+        return sum(map(len, tok.enc.encode_ordinary_batch(share, num_threads=1)))
+
+    def hf_side(share):
+        os.environ["RAYON_NUM_THREADS"] = "1"  # before tokenizers starts its thread pool
+        import tokenizers
+        hf = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        return sum(len(e.ids) for i in range(0, len(share), 1000)  # datasets.map's batch size
+                   for e in hf.encode_batch(share[i:i + 1000], add_special_tokens=False))
+
+    def data_side(n):
+        with tempfile.TemporaryDirectory() as tmp:
+            meta = data.prepare(tok, [src], os.path.join(tmp, "out"), num_proc=n)
+        # without the EOS data.py adds to each document
+        return sum(meta["tokens"].values()) - sum(meta["documents"].values())
+
+    rows = []
+    for n in [int(x) for x in str(o["num_proc"]).split(",")]:
+        best = {}  # the best of repeat runs: (tokens / wall s, tokens / CPU s, tokens)
+        for _ in range(o["repeat"]):
+            for name, run in (("data.py", lambda: data_side(n)),
+                              ("tiktoken", lambda: processes(n, tiktoken_side)),
+                              ("tokenizers", lambda: processes(n, hf_side))):
+                tokens, wall, cpu = measured(run)
+                old = best.get(name, (0, 0, 0))
+                best[name] = (max(old[0], tokens / wall), max(old[1], tokens / cpu), tokens)
+        names = ("data.py", "tiktoken", "tokenizers")
+        rows.append([n, *(f"{best[k][0] / 1e6:.2f}M" for k in names),
+                     *(f"{best[k][1] / 1e6:.2f}M" for k in names),
+                     f"{best['data.py'][1] / best['tiktoken'][1]:.2f}",
+                     f"{best['data.py'][2]:,} / {best['tiktoken'][2]:,}"])
+    print_table(["num_proc", "data.py tok/s", "tiktoken tok/s", "tokenizers tok/s",
+                 "data.py tok/CPU-s", "tiktoken tok/CPU-s", "tokenizers tok/CPU-s",
+                 "data.py / tiktoken per CPU-s", "tokens data.py / tiktoken"], rows)
+
+
 if __name__ == "__main__":
     commands = {"model": (MODEL_OPTS, bench_model), "step": (None, bench_step),
-                "head": (HEAD_OPTS, bench_head), "memory": (None, bench_memory)}
+                "head": (HEAD_OPTS, bench_head), "memory": (None, bench_memory),
+                "tokenize": (None, bench_tokenize)}
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         sys.exit(__doc__)
     if sys.argv[1] not in commands:

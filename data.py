@@ -2,46 +2,44 @@
 Training data for nanoLRC: preparation (sources -> token bins) and loading (reproducible batches).
 
 Tokenize sources into train.bin / val.bin (uint32 token ids, documents each followed by EOS) and
-meta.json:
+meta.json, the data card:
 
     python data.py --tokenizer=$HOME/.cache/nanolrc/SmolLM2-135M-Instruct --out=data/kjv \
         --source=kjv.txt
-    python data.py --tokenizer=TEACHER_DIR --out=data/mix \
-        --source=fineweb-edu.parquet:filter=int_score>=4:budget=18B \
-        --source=openhermes.jsonl:field=conversations:budget=2B --num_proc=8
-    python data.py --tokenizer=TEACHER_DIR --out=data/sft --source=ultrachat.jsonl:field=messages \
-        --mask=True
+    python data.py --tokenizer=TEACHER_DIR --out=data/mix --num_proc=16 --resume=True \
+        '--source=fineweb-edu/data/*/*.parquet:filter=int_score>=4:budget=20B' \
+        --source=openhermes2_5.json:field=conversations:budget=450M
+    python data.py --tokenizer=TEACHER_DIR --out=data/sft --mask=True \
+        '--source=ultrachat_200k/data/train_sft-*.parquet:field=messages'
+    python data.py --info=data/mix   # the card: tokenizer, splits, per source files, kept, dropped
     python data.py ... --out=data/kjv --overwrite=True  # replace prepared data (kept until the new
                                                         # is complete)
 
 Keys are set as in every script (configurator.py; python data.py --help lists them); each --source
-adds one source. A source is PATH[:field=NAME][:budget=N][:filter=EXPR]:
-  .txt               documents are blocks separated by blank lines (a file without blank lines is
-                     one document)
-  .jsonl, .jsonl.gz  one record per line; the document is record[field] (default "text", else
-                     "messages")
-  .parquet           the same records, read with pyarrow
-  A field holding a list of messages ({role, content} or ShareGPT's {from, value}) is a chat,
-  rendered with the tokenizer's chat template. budget: stop the source after the document that
-  reaches N tokens (1.5M, 2B). filter: keep records where a numeric field passes a comparison, e.g.
-  int_score>=4 (FineWeb-Edu in the paper).
+adds one source: PATH[:field=NAME][:budget=N][:filter=EXPR], PATH a file, a directory or a glob of
+.txt, .json (an array of records, or one a line), .jsonl(.gz) and .parquet files (sources.py). The
+budget and the filter apply to the source as a whole: budget stops it after the document that
+reaches N tokens (1.5M, 2B); filter keeps records where a numeric field passes a comparison.
+
+The work is done in OUT.partial beside OUT, which saves its progress after every file and every
+64M tokens; a run that was stopped (kill -9, a crash, a lost node) continues with the same command
+and --resume=True, to the bytes an uninterrupted run writes, and OUT appears only when complete.
+Memory does not grow with the corpus: files are streamed, documents written as they are tokenized.
 
 Training reads the bins through `Batches` (random windows or one pass in a seeded order,
 reproducible per step; see below). The tokenizer (the teacher's, as tiktoken) is tokenizer.py's.
 
 In this file, in order:
-  preparation  parse_source, iter_documents (txt / jsonl / parquet, filters, chats), prepare:
-               tokenize into train.bin / val.bin (+ masks) + meta.json, written whole or not at all
+  preparation  prepare: tokenize sources (sources.py reads them) into OUT.partial, resumable, then
+               rename it to OUT with meta.json; check_out_dir refuses what may not be replaced
   loading      check_compatible (the data's tokenizer and size against the run's), Batches (random
                windows or one seeded pass per epoch, each batch a pure function of the step)
-  main         the command line above
+  main         the command line above; --info prints a data card
 """
-import gzip
 import itertools
-import json
-import operator
 import os
-import re
+import shutil
+import signal
 from multiprocessing import Pool
 
 import numpy as np
@@ -49,123 +47,12 @@ import torch
 from tqdm import tqdm
 
 from configurator import ConfigError, configure_or_exit, run_or_exit
-from model import atomic_dir, read_json
+from model import atomic_dir, read_json, write_json
+from sources import document, parse_source, read_records, source_files
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
-# Data preparation: sources -> train.bin / val.bin (+ masks) + meta.json
-
-OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
-       "!=": operator.ne}
-
-
-def parse_source(spec):
-    """'PATH[:field=F][:budget=N][:filter=EXPR]' -> dict(path, field, budget, filter)."""
-    path, *opts = spec.split(":")
-    src = {"path": path}
-    for opt in opts:
-        key, sep, value = opt.partition("=")
-        if not sep or key not in ("field", "budget", "filter"):
-            raise ValueError(f"source {spec!r}: unknown option {opt!r} "
-                             "(use field=, budget=, filter=)")
-        if key == "budget":
-            m = re.fullmatch(r"(\d+\.?\d*|\.\d+)([KMB]?)", value.upper())
-            scale = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9}
-            value = int(float(m.group(1)) * scale[m.group(2)]) if m else 0
-            if value < 1:
-                raise ValueError(f"source {spec!r}: budget must be a token count of at least 1, "
-                                 "like 500000, 1.5M or 2B")
-        src[key] = value
-    return src
-
-
-def _record_filter(expr):
-    if not expr:
-        return lambda rec: True
-    m = re.fullmatch(r"\s*(\w+)\s*(>=|<=|==|!=|>|<)\s*(-?[\d.eE+-]+)\s*", expr)
-    if not m:
-        raise ValueError(f"filter {expr!r}: expected FIELD OP NUMBER, e.g. int_score>=4")
-    key, op, value = m.group(1), OPS[m.group(2)], float(m.group(3))
-
-    def keep(rec):
-        if key not in rec:
-            raise KeyError(f"filter {expr!r}: record has no field {key!r} (fields: {sorted(rec)})")
-        return op(float(rec[key]), value)
-    return keep
-
-
-def _chat_messages(turns):
-    # ShareGPT-style turns (OpenHermes-2.5) name roles differently
-    roles = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
-             "assistant": "assistant"}
-    return [{"role": t["role"], "content": t["content"]} if "role" in t else
-            {"role": roles[t["from"]], "content": t["value"]} for t in turns]
-
-
-SOURCE_TYPES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
-
-
-def check_source(src):
-    path = src["path"]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"source {path!r} does not exist")
-    if not path.endswith(SOURCE_TYPES):
-        raise ValueError(f"source {path!r}: unknown file type "
-                         "(use .txt, .jsonl, .jsonl.gz or .parquet)")
-
-
-def iter_documents(src):
-    """Yield a source's documents: a str, or a list of chat messages."""
-    path = src["path"]
-    check_source(src)
-    try:
-        yield from _read_documents(src)
-    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:  # their messages name no file
-        raise ValueError(f"source {path!r} cannot be read ({e}): is it "
-                         f"{os.path.splitext(path)[1]}, in UTF-8, and complete?") from None
-
-
-def _read_documents(src):
-    path = src["path"]
-    if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            for block in re.split(r"\n[ \t]*\n", f.read()):
-                if block.strip():
-                    yield block.strip("\n")
-        return
-    if path.endswith((".jsonl", ".jsonl.gz")):
-        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-            records = (_json_line(line, path, n) for n, line in enumerate(f, 1) if line.strip())
-            yield from _documents_of(records, src)
-    else:  # .parquet
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise RuntimeError(f"reading {path} needs pyarrow: pip install pyarrow") from None
-        pf = pq.ParquetFile(path)
-        records = (rec for b in pf.iter_batches(batch_size=1024) for rec in b.to_pylist())
-        yield from _documents_of(records, src)
-
-
-def _json_line(line, path, n):
-    try:
-        return json.loads(line)
-    except ValueError as e:
-        raise ValueError(f"{path}:{n} is not a JSON record ({e}): fix or drop that line") from None
-
-
-def _documents_of(records, src):
-    keep, field = _record_filter(src.get("filter")), src.get("field")
-    for rec in records:
-        if not keep(rec):
-            continue
-        name = field or next((k for k in ("text", "messages", "conversations") if k in rec), None)
-        if name not in rec:
-            raise KeyError(f"source {src['path']!r}: record has no field {name or 'text'!r} "
-                           f"(fields: {sorted(rec)}); pick one with :field=NAME")
-        doc = rec[name]
-        yield _chat_messages(doc) if isinstance(doc, list) else doc
-
+# Data preparation: sources -> train.bin / val.bin (+ masks) + meta.json, resumable
 
 # each Pool worker's tokenizer, set once by _init_worker instead of pickled with every task
 _worker_tok = None
@@ -178,26 +65,43 @@ def _init_worker(tok):
 
 def _tokenize_docs(docs, tok=None):
     """Token ids of each document followed by EOS, and the loss mask: all of a text, the assistant
-    turns of a chat."""
+    turns of a chat. A document the filter dropped (None) stays None, so that every record of a
+    file has its result in order."""
     tok = tok or _worker_tok
     out = []
     for doc in docs:
+        if doc is None:
+            out.append(None)
+            continue
         if isinstance(doc, str):
-            ids = tok.encode(doc) + [tok.eos_id]
-            mask = [1] * len(ids)
+            ids = tok.encode(doc)
+            ids.append(tok.eos_id)
+            out.append((np.array(ids, np.uint32), np.ones(len(ids), np.uint8)))
         else:  # the chat already ends with its end-of-turn token; the joining EOS is not a target
             ids, mask = tok.encode_chat(doc)
-            ids, mask = ids + [tok.eos_id], mask + [0]
-        out.append((np.array(ids, np.uint32), np.array(mask, np.uint8)))
+            out.append((np.array(ids + [tok.eos_id], np.uint32), np.array(mask + [0], np.uint8)))
     return out
 
 
 PREPARED_FILES = ("meta.json", "train.bin", "val.bin", "train_mask.bin", "val_mask.bin")
+PROGRESS = "progress.json"
+CHECKPOINT_TOKENS = 1 << 26  # progress is saved every 64M tokens (256 MB of ids) and every file
 
 
-def check_out_dir(out_dir, overwrite=False):
+def partial_dir(out_dir):
+    """Where an unfinished preparation of out_dir lives, beside it, until it is complete."""
+    return os.path.normpath(out_dir) + ".partial"
+
+
+def check_out_dir(out_dir, overwrite=False, resume=False):
     """Refuse, before any work, an out_dir that prepare could not or may not replace: one holding
-    other files than prepared data (never replaced), or prepared data without overwrite."""
+    other files than prepared data (never replaced), prepared data without overwrite, or an
+    unfinished preparation beside it without resume."""
+    work = partial_dir(out_dir)
+    if os.path.isfile(os.path.join(work, PROGRESS)) and not resume:
+        raise FileExistsError(f"{work} holds an unfinished preparation: pass --resume=True to "
+                              "continue it (with the same sources and keys), or delete it to "
+                              "start again")
     if not os.path.exists(out_dir) or (os.path.isdir(out_dir) and not os.listdir(out_dir)):
         return
     if not os.path.isdir(out_dir):
@@ -214,80 +118,206 @@ def check_out_dir(out_dir, overwrite=False):
 
 
 def prepare(tokenizer, sources, out_dir, val_fraction=0.005, seed=1337, mask=False, num_proc=1,
-            docs_per_task=64, overwrite=False):
-    """Tokenize sources into out_dir; each document goes to val with probability val_fraction.
-    Returns meta. The data is written into a temporary sibling dir and renamed to out_dir once
-    complete (model.atomic_dir): a failed run leaves no out_dir, or the previous one exactly as it
-    was. An out_dir holding prepared data is replaced only with overwrite=True (check_out_dir)."""
+            docs_per_task=64, overwrite=False, resume=False, checkpoint_tokens=CHECKPOINT_TOKENS):
+    """Tokenize sources (parse_source dicts) into out_dir; each document goes to val with
+    probability val_fraction. Returns meta.
+    The work is done in partial_dir(out_dir), which records its progress after every file and
+    every checkpoint_tokens tokens; resume=True continues an interrupted run from there, to the
+    same bytes an uninterrupted run writes. Once complete, the data is renamed to out_dir
+    (model.atomic_dir): a failed run leaves no out_dir, or the previous one exactly as it was. An
+    out_dir holding prepared data is replaced only with overwrite=True (check_out_dir)."""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val_fraction must be in [0, 1), got {val_fraction}")
     if num_proc < 1:
         raise ValueError(f"--num_proc must be at least 1, got {num_proc}")
-    for src in sources:  # a typo in the last source is found now, not after hours on the first
-        check_source(src)
-    check_out_dir(out_dir, overwrite)
-    with atomic_dir(out_dir) as tmp:
-        return _prepare_into(tmp, tokenizer, sources, val_fraction, seed, mask, num_proc,
-                             docs_per_task)
-
-
-def _prepare_into(out_dir, tokenizer, sources, val_fraction, seed, mask, num_proc, docs_per_task):
-    meta_path = os.path.join(out_dir, "meta.json")
-    splits = ("train", "val")
-    bins = {s: open(os.path.join(out_dir, f"{s}.bin"), "wb") for s in splits}
-    masks = ({s: open(os.path.join(out_dir, f"{s}_mask.bin"), "wb") for s in splits}
-             if mask else None)
-    tokens, docs = dict.fromkeys(splits, 0), dict.fromkeys(splits, 0)
-    # drawn once per document in source order: the split is reproducible
-    rng = np.random.default_rng(seed)
+    # every source is listed now: a typo in the last one is found before hours on the first
+    files = [source_files(src) for src in sources]
+    check_out_dir(out_dir, overwrite, resume)
+    work = partial_dir(out_dir)
+    # what an interrupted run must share with this one to be continued by it
+    settings = {"tokenizer_fingerprint": tokenizer.fingerprint, "sources": sources,
+                "files": [[[f, os.path.getsize(f)] for f in fs] for fs in files],
+                "val_fraction": val_fraction, "seed": seed, "mask": mask}
+    progress = _start(work, settings, [f"{s}.bin" for s in SPLITS] +
+                      ([f"{s}_mask.bin" for s in SPLITS] if mask else []))
     pool = Pool(num_proc, initializer=_init_worker, initargs=(tokenizer,)) if num_proc > 1 else None
-    source_meta, bars = [], []
     try:
-        for src in sources:
-            budget, n_tok, n_doc = src.get("budget"), 0, 0
-            tasks = _batched(iter_documents(src), docs_per_task)
-            bar = tqdm(total=budget, unit="tok", unit_scale=True,
-                       desc=os.path.basename(src["path"]))
-            bars.append(bar)
-            # hand the pool a bounded group of tasks at a time, so a budget stops reading a huge
-            # source early; the group is finished (map) before its documents are written, so no
-            # task is in flight when a budget stops early: Pool.terminate can hang with tasks still
-            # being sent
-            while (not (budget and n_tok >= budget)
-                   and (group := list(itertools.islice(tasks, 4 * num_proc)))):
-                results = (pool.map(_tokenize_docs, group) if pool
-                           else (_tokenize_docs(g, tokenizer) for g in group))
-                for ids, m in itertools.chain.from_iterable(results):
-                    split = "val" if rng.random() < val_fraction else "train"
-                    ids.tofile(bins[split])
-                    if mask:
-                        m.tofile(masks[split])
-                    tokens[split] += len(ids)
-                    docs[split] += 1
-                    n_tok, n_doc = n_tok + len(ids), n_doc + 1
-                    bar.update(len(ids))
-                    if budget and n_tok >= budget:
-                        break
-            bar.close()
-            source_meta.append({**src, "documents": n_doc, "tokens": n_tok})
+        _prepare_into(work, progress, tokenizer, sources, files, mask, pool, 4 * num_proc,
+                      docs_per_task, checkpoint_tokens)
+    except BaseException:
+        if not os.path.isfile(os.path.join(work, PROGRESS)):  # nothing saved, nothing to resume
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     finally:
-        for bar in bars:  # ends the bar's line, so that an error message starts a line of its own
-            bar.close()
         if pool:
             pool.terminate()
-        for f in [*bins.values(), *(masks or {}).values()]:
-            f.close()
+    tokens, docs = progress["tokens"], progress["documents"]
     if tokens["train"] == 0 or (val_fraction > 0 and tokens["val"] == 0):
+        shutil.rmtree(work)  # nothing worth resuming
         empty = "train" if tokens["train"] == 0 else "val"
         raise ValueError(f"no document went to {empty} ({sum(docs.values())} documents in all): "
                          "add data" + (" or raise --val_fraction" if empty == "val"
                                        else " or lower --val_fraction"))
-    meta = {"tokenizer_fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-            "eos_id": tokenizer.eos_id, "dtype": "uint32", "mask": mask, "documents": docs,
-            "tokens": tokens, "val_fraction": val_fraction, "seed": seed, "sources": source_meta}
-    with open(meta_path, "w") as f:
-        json.dump(meta, f, indent=2)
+    meta = {"tokenizer_fingerprint": tokenizer.fingerprint, "tokenizer": tokenizer.enc.name,
+            "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "dtype": "uint32",
+            "mask": mask, "documents": docs, "tokens": tokens, "val_fraction": val_fraction,
+            "seed": seed, "sources": progress["sources"]}
+    write_json(os.path.join(work, "meta.json"), meta)
+    with atomic_dir(out_dir) as tmp:
+        for name in progress["bins"] + ["meta.json"]:
+            os.replace(os.path.join(work, name), os.path.join(tmp, name))
+    shutil.rmtree(work)
     return meta
+
+
+SPLITS = ("train", "val")
+
+
+def _start(work, settings, names):
+    """The progress of the run in work: fresh, or an interrupted run's after its bins are cut back
+    to their last saved sizes."""
+    path = os.path.join(work, PROGRESS)
+    if os.path.isfile(path):
+        progress = read_json(path)
+        if progress["settings"] != settings:
+            changed = [k for k in settings if progress["settings"].get(k) != settings[k]]
+            raise ValueError(f"{work} was started with other {', '.join(changed)} (or the "
+                             "sources' files changed since): rerun its command, or delete it to "
+                             "start again")
+        for name, size in progress["sizes"].items():
+            p = os.path.join(work, name)
+            if not os.path.isfile(p) or os.path.getsize(p) < size:
+                raise ValueError(f"{p} is shorter than its saved progress: delete {work} and "
+                                 "start again")
+            os.truncate(p, size)  # what was written after the last checkpoint is written again
+        return progress
+    if os.path.exists(work):  # killed before its first checkpoint: nothing to keep
+        others = set(os.listdir(work)) - {*PREPARED_FILES, PROGRESS + ".tmp"}
+        if others:
+            raise FileExistsError(f"{work} holds files data.py did not write ({sorted(others)[0]}"
+                                  f"{', ...' if len(others) > 1 else ''}): move it away")
+        shutil.rmtree(work)
+    os.makedirs(work)
+    for name in names:
+        open(os.path.join(work, name), "wb").close()
+    # "position": the next record to read, as (source, file of the source, record of the file)
+    return {"settings": settings, "bins": names, "position": [0, 0, 0],
+            "sizes": dict.fromkeys(names, 0), "tokens": dict.fromkeys(SPLITS, 0),
+            "documents": dict.fromkeys(SPLITS, 0), "sources": [],
+            # drawn once per document in source order: the split is reproducible
+            "rng": np.random.default_rng(settings["seed"]).bit_generator.state}
+
+
+def _prepare_into(work, progress, tokenizer, sources, files, mask, pool, group, docs_per_task,
+                  checkpoint_tokens):
+    """Tokenize from progress["position"] on, saving progress after every file and every
+    checkpoint_tokens tokens."""
+    run = _Run(work, progress, mask, checkpoint_tokens)
+    s0, f0, r0 = progress["position"]
+    try:
+        for si in range(s0, len(sources)):
+            src = sources[si]
+            if si == len(progress["sources"]):
+                progress["sources"].append({**src, "files": [], "documents": 0, "dropped": 0,
+                                            "tokens": 0})
+            card = progress["sources"][si]
+            # closed on an error too: the error message then starts a line of its own
+            with tqdm(total=src.get("budget"), initial=card["tokens"], unit="tok",
+                      unit_scale=True, desc=os.path.basename(src["path"])) as bar:
+                for fi in range(f0 if si == s0 else 0, len(files[si])):
+                    path, record = files[si][fi], r0 if (si, fi) == (s0, f0) else 0
+                    if path not in card["files"]:
+                        card["files"].append(path)
+                    docs = (document(rec, src) for rec in
+                            itertools.islice(read_records(path, src), record, None))
+                    results = _tokenized(_batched(docs, docs_per_task), tokenizer, pool, group)
+                    if run.write(results, [si, fi, record], card, src.get("budget"), bar):
+                        break  # the budget is spent
+                    run.checkpoint([si, fi + 1, 0])
+            run.checkpoint([si + 1, 0, 0])
+    finally:
+        for f in run.out.values():
+            f.close()
+
+
+class _Run:
+    """The bins being written and the split's rng, whose state progress.json saves at every
+    checkpoint."""
+
+    def __init__(self, work, progress, mask, checkpoint_tokens):
+        self.work, self.progress, self.mask = work, progress, mask
+        self.out = {n: open(os.path.join(work, n), "ab") for n in progress["bins"]}
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = progress["rng"]
+        self.checkpoint_tokens, self.since, self.checkpoints = checkpoint_tokens, 0, 0
+
+    def write(self, results, position, card, budget, bar):
+        """Write one file's tokenized records (from position on); True if the budget stopped it."""
+        tokens, docs = self.progress["tokens"], self.progress["documents"]
+        val_fraction = self.progress["settings"]["val_fraction"]
+        for task in results:
+            for result in task:
+                position[2] += 1
+                if result is None:
+                    card["dropped"] += 1
+                    continue
+                ids, m = result
+                split = "val" if self.rng.random() < val_fraction else "train"
+                ids.tofile(self.out[f"{split}.bin"])
+                if self.mask:
+                    m.tofile(self.out[f"{split}_mask.bin"])
+                tokens[split] += len(ids)
+                docs[split] += 1
+                card["documents"] += 1
+                card["tokens"] += len(ids)
+                self.since += len(ids)
+                bar.update(len(ids))
+                if self.checkpoints and self.checkpoints == KILL_AFTER:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if budget and card["tokens"] >= budget:
+                    return True
+            if self.since >= self.checkpoint_tokens:
+                self.checkpoint(position)
+        return False
+
+    def checkpoint(self, position):
+        for f in self.out.values():
+            f.flush()
+            os.fsync(f.fileno())
+        self.progress.update(position=list(position), rng=self.rng.bit_generator.state,
+                             sizes={n: f.tell() for n, f in self.out.items()})
+        path = os.path.join(self.work, PROGRESS)
+        write_json(path + ".tmp", self.progress)
+        os.replace(path + ".tmp", path)
+        self.checkpoints, self.since = self.checkpoints + 1, 0
+
+
+# tests set it to kill -9 the run (SIGKILL) in the middle of the work after its K-th saved
+# progress, to check that resume=True continues it exactly
+KILL_AFTER = int(os.environ.get("NANOLRC_DATA_KILL_AFTER", 0))
+
+
+def _tokenized(tasks, tokenizer, pool, group):
+    """_tokenize_docs of each task, in order. With a pool, the next group of tasks is read and
+    tokenized while this one is written; a stop before the end (a budget) waits for the tasks in
+    flight, as Pool.terminate can hang with tasks still being sent."""
+    if pool is None:
+        for task in tasks:
+            yield _tokenize_docs(task, tokenizer)
+        return
+    def submit():
+        g = list(itertools.islice(tasks, group))
+        return pool.map_async(_tokenize_docs, g) if g else None
+
+    ahead = submit()
+    try:
+        while ahead:
+            after = submit()  # read while the pool tokenizes the group ahead
+            results, ahead = ahead.get(), after
+            yield from results
+    finally:
+        if ahead:
+            ahead.wait()
 
 
 def _batched(it, n):
@@ -444,20 +474,48 @@ DEFAULTS = dict(
     mask=False,  # also write *_mask.bin: loss only on assistant turns (SFT)
     num_proc=max(1, (os.cpu_count() or 1) - 1),  # tokenizer processes
     overwrite=False,  # replace an --out dir of prepared data (only once the new data is complete)
+    resume=False,  # continue the unfinished preparation in OUT.partial (same sources and keys)
+    info="",  # print the data card (meta.json) of a prepared dir, and do nothing else
 )
+
+
+def print_card(data_dir):
+    """The data card of a prepared dir: its tokenizer, splits, and what each source gave."""
+    meta = read_json(os.path.join(data_dir, "meta.json"))
+    print(f"{data_dir}: tokenizer {meta.get('tokenizer', '?')} (fingerprint "
+          f"{meta['tokenizer_fingerprint'][:12]}, vocab {meta['vocab_size']:,}, eos "
+          f"{meta['eos_id']}), {meta['dtype']} ids{', loss mask' if meta['mask'] else ''}")
+    for split in ("train", "val"):
+        print(f"  {split:5} {meta['tokens'][split]:>15,} tokens {meta['documents'][split]:>12,} "
+              "documents")
+    print(f"  val_fraction {meta['val_fraction']}, seed {meta['seed']}")
+    for src in meta["sources"]:
+        opts = "".join(f":{k}={src[k]}" for k in ("field", "filter", "budget") if src.get(k))
+        print(f"source {src['path']}{opts}")
+        print(f"  {src['tokens']:,} tokens, {src['documents']:,} documents kept, "
+              f"{src.get('dropped', 0):,} dropped by the filter, from {len(src.get('files', []))} "
+              "files:")
+        for path in src.get("files", []):
+            print(f"    {path}")
 
 
 def main(argv=None):
     cfg = configure_or_exit(DEFAULTS, argv)
+    if cfg["info"]:
+        if not os.path.isfile(os.path.join(cfg["info"], "meta.json")):
+            raise FileNotFoundError(f"--info={cfg['info']}: no meta.json there (prepare data "
+                                    "with python data.py --out=DIR ...)")
+        return print_card(cfg["info"])
     for key, what in (("tokenizer", "TEACHER_DIR"), ("out", "DIR"), ("source", "PATH")):
         if not cfg[key]:
             raise ConfigError(f"no --{key} set: pass --{key}={what} "
                               "(python data.py --help lists the keys)")
     sources = [parse_source(s) for s in cfg["source"]]
-    check_out_dir(cfg["out"], cfg["overwrite"])  # before the tokenizer loads: refuse at once
+    # before the tokenizer loads: refuse at once
+    check_out_dir(cfg["out"], cfg["overwrite"], cfg["resume"])
     meta = prepare(load_tokenizer(cfg["tokenizer"]), sources, cfg["out"],
                    val_fraction=cfg["val_fraction"], seed=cfg["seed"], mask=cfg["mask"],
-                   num_proc=cfg["num_proc"], overwrite=cfg["overwrite"])
+                   num_proc=cfg["num_proc"], overwrite=cfg["overwrite"], resume=cfg["resume"])
     print(f"{cfg['out']}: train {meta['tokens']['train']:,} tokens in "
           f"{meta['documents']['train']:,} documents, val {meta['tokens']['val']:,} tokens in "
           f"{meta['documents']['val']:,} documents")
