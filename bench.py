@@ -6,6 +6,7 @@ ratios. Numbers measured with them: see results/README.md (speed.md, gpu.md).
     python bench.py step [config.py ...] [--key=value ...] [--variants=fp32,bf16,bf16+compile]
     python bench.py head [--vocab=151936 --tokens=2048 --d=1200 --d_teacher=2048]
     python bench.py memory config/lrc_qwen.py [--world_size=8] [--key=value ...]   # memory.py
+    python bench.py tokenize --source='corpus/*.parquet' [--tokenizer=HF_DIR] [--num_proc=1,2]
 
 model  forward tokens/s (batch_size x block_size, no grad) and greedy generation tokens/s (batch 1,
        a random prompt of prompt_len tokens, new_tokens new ones, KV cache) of our model and of
@@ -24,6 +25,8 @@ step   one training step of a train.py config (default config/lrc_demo.py and th
 head   the loss stage alone, plain (full logits h @ W.T, losses.distill_losses, backward) vs fused
        (losses.distill_head, backward): time and peak memory above the inputs, and the two's max
        |diff| in losses and gradients.
+tokenize  data.py's tokens/s (per wall and CPU second) against tiktoken and HF tokenizers on the
+       same documents (results/data.md).
 memory the memory planner, run from here: memory.py (its docstring says what it predicts).
 Peak memory is torch.cuda.max_memory_allocated on CUDA and the process's peak RSS on CPU (VmHWM, or
 ru_maxrss off Linux), so every variant and stage runs in a fresh process; a step's peak covers its

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,7 @@ import torch
 
 import demo
 from configurator import ConfigError, check_ranges, configure_or_exit, run_or_exit
-from data import Batches, prepare
+from data import Batches, partial_dir, prepare
 from lrc import LowRankClone
 from model import Transformer
 from tokenizer import load_tokenizer
@@ -127,6 +128,8 @@ def held_out_data(tokenizer):
             with open(text_path, "w", encoding="utf-8") as f:
                 f.write("\n\n".join(open(p, encoding="utf-8", errors="replace").read()
                                     for p in files))
+            # a killed earlier attempt's unfinished work: from another temporary path, so not resumable
+            shutil.rmtree(partial_dir(out), ignore_errors=True)
             prepare(tokenizer, [{"path": text_path}], out, val_fraction=0.5, seed=0, overwrite=True)
     return out
 

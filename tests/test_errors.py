@@ -158,7 +158,7 @@ DATA_CASES = [
     ("--source={src}/a.txt", 1, "holds prepared data: pass --overwrite=True to replace it"),
     ("--overwrite=True --source={src}/empty.txt", 1, "no document went to train (0 documents in all)"),
     ("--overwrite=True --source={src}/missing.txt", 1, "source '{src}/missing.txt' does not exist"),
-    ("--overwrite=True --source={src}/a.csv", 1, "unknown file type (use .txt, .jsonl, .jsonl.gz or .parquet)"),
+    ("--overwrite=True --source={src}/a.csv", 1, "unknown file type (use .txt, .json, .jsonl, .jsonl.gz or .parquet)"),
     ("--overwrite=True --source={src}/a.jsonl", 1, "{src}/a.jsonl:2 is not a JSON record"),
     ("--overwrite=True --source={src}/b.jsonl:filter=int_score>=4", 1, "record has no field 'int_score'"),
     ("--overwrite=True --source={src}/latin1.txt", 1, "source '{src}/latin1.txt' cannot be read ('utf-8' codec"),
