@@ -136,7 +136,7 @@ def save(out_dir, model, optimizer, step, cfg, **loop_state):
     """Every rank writes its shard into a fresh sibling of out_dir/ckpt.dcp, with the step, the config,
     the RNG state and loop_state (as common.save_checkpoint); rank 0 then renames it over the old one:
     a crash mid-write never replaces the last good checkpoint (one between the two renames leaves it
-    as ckpt.dcp.old)."""
+    as ckpt.dcp.old: recover)."""
     path, master = os.path.join(out_dir, CKPT), not dist.is_initialized() or dist.get_rank() == 0
     tmp = path + ".tmp"
     if master and os.path.exists(tmp):
@@ -151,11 +151,20 @@ def save(out_dir, model, optimizer, step, cfg, **loop_state):
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({"step": step, "config": cfg, **loop_state}, f)
         old = path + ".old"
+        shutil.rmtree(old, ignore_errors=True)  # a save killed after its second rename
         if os.path.exists(path):
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     barrier()
+
+
+def recover(out_dir):
+    """A save killed between its two renames leaves the last good checkpoint as ckpt.dcp.old only: put
+    it back (train.preflight, on rank 0, before anything looks for a checkpoint)."""
+    path = os.path.join(out_dir, CKPT)
+    if not os.path.exists(path) and os.path.exists(path + ".old"):
+        os.replace(path + ".old", path)
 
 
 def read_meta(out_dir):

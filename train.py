@@ -87,7 +87,7 @@ DEFAULTS = dict(
     max_steps=1000,  # optimizer steps (the lr schedule spans them); from max_tokens if set
     max_minutes=0.0,  # > 0: stop (evaluate, save, export) after this wall time
     skip_nonfinite=3,  # a step whose loss or gradient is not finite is skipped (no update, a warning,
-    # counted in metrics.jsonl); this many in a row stop the run (0: stop at the first)
+    # counted in metrics.jsonl); more than this many in a row stop the run (0: stop at the first)
     # evaluation, logging, checkpoints
     eval_interval=200,  # steps between evaluations on the val split (and at the end)
     eval_batches=8,  # val batches per evaluation (fixed windows, the same every time)
@@ -108,7 +108,7 @@ DEFAULTS = dict(
     shard="none",  # LRC with FSDP2 (shard.py): "trainable" shards the projections, their gradients
     # and Adam's state per layer (ZeRO-3); "all" also the teacher's layers. Checkpoint: ckpt.dcp
     dist_timeout_minutes=30.0,  # how long a rank waits in a collective before the run fails: the
-    # others wait while rank 0 writes a checkpoint (17 GB for the 4B recipe) to a shared filesystem
+    # others wait while rank 0 writes a checkpoint (GBs for the large recipes) to a shared filesystem
     seed=1337,  # initialisation and data order
 )
 
@@ -415,7 +415,14 @@ def preflight(cfg):
         except ImportError:
             raise ConfigError("--wandb_log=True needs Weights & Biases: pip install wandb") from None
     device, dtype = resolve_system(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        shard.recover(cfg["out_dir"])
     ckpt_path = checkpoint_path(cfg)
+    other = os.path.join(cfg["out_dir"], shard.CKPT if cfg["shard"] == "none" else "ckpt.pt")
+    if os.path.exists(other) and not os.path.exists(ckpt_path):
+        setting = "--shard=none" if cfg["shard"] != "none" else "--shard=trainable or all"
+        raise ValueError(f"{other} is the checkpoint of a run with {setting}: continue it with that "
+                         "setting, or choose another out_dir")
     if resume_mode(cfg) == "false" and os.path.exists(ckpt_path):
         raise ValueError(f"{ckpt_path} exists: pass --resume=True to continue that run (or "
                          "--resume=auto), or choose another out_dir (a new run never overwrites a "
@@ -441,13 +448,17 @@ def strict(row):
     return {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
 
 
-def all_finite(model):
-    """Whether every weight is finite, on every rank (sharded weights: each rank checks its shard)."""
+def check_finite(model, step, cfg):
+    """Stop, on every rank, if any weight is not finite (Adam can overflow from finite gradients);
+    sharded weights: each rank checks its shard."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
     finite = torch.stack([torch.isfinite(t).all() for t in local]).all().float()
     if dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+    if not finite.item():
+        raise FloatingPointError(f"step {step}: the weights are not finite; stopped without saving, "
+                                 f"the last good checkpoint in {cfg['out_dir']} is untouched: resume "
+                                 "with a lower lr")
 
 
 def train(cfg):
@@ -458,8 +469,11 @@ def train(cfg):
     os.makedirs(cfg["out_dir"], exist_ok=True)
     check_shared(cfg["out_dir"], rank, world, device)
     ckpt_path = checkpoint_path(cfg)
-    # every rank sees the same out_dir now, so every rank decides alike
     resume = resume_mode(cfg) == "true" or (resume_mode(cfg) == "auto" and os.path.exists(ckpt_path))
+    if world > 1:  # rank 0's view decides for every rank (a stale view elsewhere must not split them)
+        decision = torch.tensor([float(resume)], device=device)
+        dist.broadcast(decision, 0)
+        resume = bool(decision.item())
     torch.manual_seed(cfg["seed"])  # same initial projections on every rank
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     bf16 = dtype == "bfloat16"
@@ -484,6 +498,9 @@ def train(cfg):
     if cfg["method"] == "sft" and not batches.meta["mask"]:
         raise ValueError("method 'sft' learns assistant tokens only: prepare "
                          f"{cfg['data_dir']} with data.py --mask=True")
+    if world > 1:  # every rank starts from rank 0's parameters (they are equal already: same seed)
+        for p in model.parameters():
+            dist.broadcast(p.data, 0)
     sharded = cfg["shard"] != "none"
     if sharded:
         model = shard.shard(model, cfg, device, dtype)
@@ -508,9 +525,6 @@ def train(cfg):
         log(f"resumed from {ckpt_path} at step {step}"
             + (f"; changed: {changed}" if changed else ""))
     raw = model
-    if world > 1 and not sharded:  # every rank starts from rank 0's parameters (equal already)
-        for p in model.parameters():
-            dist.broadcast(p.data, 0)
     fwd = torch.compile(model) if cfg["compile"] else model
 
     flops_per_step = tokens_per_step * flops_per_token(raw, cfg["block_size"])
@@ -566,11 +580,8 @@ def train(cfg):
         # not at the step the run started from: step 0 is untrained, and a resumed checkpoint is
         # already on disk
         saving = step > start_step and (step % cfg["ckpt_interval"] == 0 or last or stop)
-        if step > start_step and (evaluating or saving) and not all_finite(raw):
-            # Adam overflowed from finite gradients: nothing is written from such weights
-            raise FloatingPointError(f"step {step}: the weights are not finite; stopped without "
-                                     f"saving, the last good checkpoint in {cfg['out_dir']} is "
-                                     "untouched: resume with a lower lr")
+        if step > start_step and (evaluating or saving):
+            check_finite(raw, step, cfg)  # nothing is written from non-finite weights
         if evaluating:
             ev = evaluate(raw, batches, cfg["eval_batches"], autocast)
             bar.write(f"step {step}: val loss {ev['val_loss']:.4f}" + (
@@ -592,6 +603,7 @@ def train(cfg):
         in_a_row = 0 if stepped else in_a_row + 1
         skipped += not stepped
         if not stepped:
+            check_finite(raw, step, cfg)  # an earlier step overflowed them: write nothing more
             bad = {k: v.item() for k, v in {"grad_norm": grad_norm, **parts_sum}.items()
                    if not torch.isfinite(v)}
             if in_a_row > cfg["skip_nonfinite"]:

@@ -68,22 +68,33 @@ def rows(out):
 # -----------------------------------------------------------------------------
 # what the log says
 
+# a faked peak table (1 GFLOP/s per device) and a faked clock (each reading 1 s after the last: every
+# timed train step takes 1 s)
+FAKE_PEAK_AND_CLOCK = """
+import itertools, types
+train.peak_flops = lambda device: 1e9
+ticks = itertools.count()
+train.time = types.SimpleNamespace(time=lambda: float(next(ticks)))
+"""
+
+
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_mfu_is_per_gpu(tiny_teacher, tiny_data, tmp_path, nproc):
-    """With a faked peak of 1 GFLOP/s per device, MFU = the training FLOPs per second of all ranks /
-    (ranks x peak): on 2 ranks half of what the same rate would be on one. The batch is the same
-    global batch on 1 and 2 ranks (tokens_per_step)."""
+    """The same global batch of 128 tokens per step on 1 and 2 ranks, each step 1 s by the faked clock:
+    tokens/s is 128 over all ranks, and MFU = 128 tokens/s x FLOPs per token / (ranks x peak), on 2 ranks
+    half of what it is on one."""
     out = str(tmp_path / "out")
-    r = patched("train.peak_flops = lambda device: 1e9", tmp_path, f"--teacher={tiny_teacher}",
-                f"--data_dir={tiny_data}", f"--out_dir={out}", "--tokens_per_step=128", nproc=nproc)
+    r = patched(FAKE_PEAK_AND_CLOCK, tmp_path, f"--teacher={tiny_teacher}", f"--data_dir={tiny_data}",
+                f"--out_dir={out}", "--tokens_per_step=128", nproc=nproc)
     assert r.returncode == 0, r.stderr[-3000:]
     model = common.build_model(ckpt(out)["config"], "cpu", "float32", load=True)
     per_token = train.flops_per_token(model, 32)
-    timed = [row for row in rows(out) if row.get("tokens_per_s")]
-    assert timed, rows(out)
-    for row in timed:
-        assert row["mfu"] == pytest.approx(row["tokens_per_s"] * per_token / (nproc * 1e9), rel=1e-9)
-    assert "tok/s" in r.stdout and ("per GPU" in r.stdout) == (nproc > 1)
+    train_rows = [row for row in rows(out) if "lr" in row]
+    assert [row["step"] for row in train_rows] == [2, 4, 6]
+    for row in train_rows:
+        assert row["tokens_per_s"] == 128.0
+        assert row["mfu"] == pytest.approx(128 * per_token / (nproc * 1e9), rel=1e-12)
+    assert "| 128 tok/s" in r.stdout and ("(64 per GPU)" in r.stdout) == (nproc > 1)
 
 
 def test_metrics_are_strict_json(runs):
@@ -119,13 +130,15 @@ def test_rate_and_eta_leave_the_first_step_out(tiny_teacher, tiny_data, tmp_path
 # -----------------------------------------------------------------------------
 # non-finite steps
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_a_nonfinite_gradient_is_skipped(tiny_teacher, tiny_data, tmp_path, nproc):
+@pytest.mark.parametrize("nproc, zero", [(1, False), (2, False), (2, True)])
+def test_a_nonfinite_gradient_is_skipped(tiny_teacher, tiny_data, tmp_path, nproc, zero):
     """A NaN gradient at step 2 (finite loss; on 2 ranks only rank 1's): the step changes nothing on every
-    rank, says so, is counted, and the run goes on to its end: 5 Adam steps in 6, finite weights, exported."""
+    rank, says so, is counted, and the run goes on to its end: 5 Adam steps in 6, finite weights, exported.
+    With zero a rank that stepped alone would hang the run in the optimizer's broadcast."""
     out = str(tmp_path / "out")
     r = patched(POISON.format(bad={2}, ranks={nproc - 1}), tmp_path, f"--teacher={tiny_teacher}",
-                f"--data_dir={tiny_data}", f"--out_dir={out}", "--tokens_per_step=128", nproc=nproc)
+                f"--data_dir={tiny_data}", f"--out_dir={out}", "--tokens_per_step=128", f"--zero={zero}",
+                nproc=nproc)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 2: non-finite {'grad_norm': nan}: skipped, the weights are unchanged" in r.stdout
     assert "(768 tokens, 1 skipped)" in r.stdout
