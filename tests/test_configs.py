@@ -19,7 +19,14 @@ WORLDS = (1, 2, 4, 8)
 
 
 def budget(cfg, world, name):
-    """(tokens per optimizer step, total tokens) that train.py runs cfg with on `world` ranks."""
+    """(tokens per optimizer step, total tokens) that train.py runs cfg with on `world` ranks. A recipe
+    whose micro-batch is more than one rank's share of a step (the CPU demo's 8 sequences on 2+ ranks) is
+    refused there with what to do, and runs the same budget once batch_size is lowered as it asks."""
+    share = cfg["tokens_per_step"] // (cfg["block_size"] * world)  # sequences per rank per step
+    if 0 < share < cfg["batch_size"]:
+        with pytest.raises(ValueError, match="choose a batch_size or a number of processes"):
+            train.resolve_batch(cfg, world)
+        cfg = {**cfg, "batch_size": share}
     try:
         resolved, tokens_per_step = train.resolve_batch(cfg, world)
     except ValueError as e:
