@@ -1,6 +1,6 @@
 """
 Small-scale experiments on the CPU demo's teacher (SmolLM2-135M-Instruct) and corpus (the teacher's
-own text and the KJV, as python demo.py builds it), one run at a time:
+own text: its general English and chats, as python demo.py builds it), one run at a time:
 
     python experiments.py --set=baselines   # LRC, its ablations, vanilla KD, TinyBERT, LM-only at
                                             # equal size and tokens
@@ -284,7 +284,8 @@ def main(argv=None):
     teacher_dir = demo.convert_teacher()
     tokenizer = load_tokenizer(teacher_dir)
     # python demo.py's corpus
-    data_dir = demo.prepare_corpus(tokenizer, demo.teacher_text(teacher_dir, tokenizer))
+    demo.read_corpus_meta(demo.CORPUS, teacher_dir, tokenizer)
+    data_dir = demo.prepare_corpus(tokenizer, demo.CORPUS)
     held_out = Batches(held_out_data(tokenizer), batch_size=8, block_size=256)
     teacher = Transformer.from_pretrained(teacher_dir)
     names = [n for n in SETS[set_name] if not cfg["only"] or n in only]

