@@ -309,6 +309,13 @@ def answer(model, tokenizer, questions, max_tokens):
     return out
 
 
+def check_corpus_size(texts, chats):
+    most = len(QUESTIONS) * len(TOPICS)
+    if texts < 1 or not 0 <= chats <= most:
+        raise ValueError(f"--corpus_texts={texts} --corpus_chats={chats}: at least 1 text, and "
+                         f"0 to {most} chats (the questions QUESTIONS and TOPICS make)")
+
+
 def chat_text(tokenizer, question, reply, finished):
     """A chat as the teacher's template writes it; a reply cut at max_tokens has no end of turn."""
     if finished:
@@ -331,9 +338,8 @@ def write_corpus(teacher_dir, tokenizer, path, texts=768, chats=400, new_tokens=
     from model import Transformer
     device = "cuda" if torch.cuda.is_available() else "cpu"
     batch = 1024 if device == "cuda" else 128
+    check_corpus_size(texts, chats)
     pairs = [(q, t) for q in QUESTIONS for t in TOPICS]
-    if chats > len(pairs):
-        raise ValueError(f"--corpus_chats={chats}: the questions make at most {len(pairs)}")
     model = Transformer.from_pretrained(teacher_dir, dtype=torch.bfloat16).to(device).eval()
     rng, rows, t0 = random.Random(seed), [], time.time()
     for i in range(0, texts, batch):
@@ -533,6 +539,7 @@ DEMO_KEYS = dict(
 
 
 def main(argv):
+    from common import check_teacher
     from configurator import configure_or_exit
     from tokenizer import load_tokenizer
     import train
@@ -543,11 +550,20 @@ def main(argv):
     demo_cfg = {k: cfg.pop(k) for k in DEMO_KEYS}
     if not demo_cfg["write_corpus"]:
         train.preflight(cfg)
+    # refused before minutes of conversion and writing
+    check_corpus_size(demo_cfg["corpus_texts"], demo_cfg["corpus_chats"])
+    if demo_cfg["write_corpus"]:
+        meta_path(demo_cfg["write_corpus"])  # a .jsonl.gz name
+    corpus = demo_cfg["corpus"]
+    if corpus and not demo_cfg["write_corpus"] and not os.path.isfile(meta_path(corpus)):
+        raise FileNotFoundError(f"{meta_path(corpus)} does not exist: give --corpus=FILE.jsonl.gz "
+                                "that `python demo.py --write_corpus=FILE.jsonl.gz` made, or "
+                                "--corpus=\"\" to have the teacher write one here")
     teacher = cfg["teacher"] or convert_teacher()
+    check_teacher(teacher)
     print(f"teacher: {teacher}")
     tokenizer = load_tokenizer(teacher)
     if demo_cfg["write_corpus"]:
-        meta_path(demo_cfg["write_corpus"])  # a bad name refused before minutes of writing
         write_corpus(teacher, tokenizer, demo_cfg["write_corpus"], demo_cfg["corpus_texts"],
                      demo_cfg["corpus_chats"])
         return

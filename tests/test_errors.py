@@ -242,6 +242,9 @@ def test_sample_py(finished, tmp_path, arg, code, message):
     ("--batch_size=0", 2, "batch_size must be at least 1"),
     ("--resume=True --teacher={tmp}/missing", 1, "teacher dir '{tmp}/missing' does not exist"),
     ("", 1, "ckpt.pt exists: pass --resume=True"),
+    ("--resume=True --corpus={tmp}/corpus.txt", 1, "a demo corpus is a .jsonl.gz file"),
+    ("--resume=True --corpus={tmp}/c.jsonl.gz", 1, "c.json does not exist: give --corpus=FILE.jsonl.gz"),
+    ("--resume=True --corpus= --corpus_chats=5000", 1, "--corpus_chats=5000: at least 1 text, and 0 to 1376"),
 ])
 def test_demo_py(finished, tiny_data, tmp_path, arg, code, message):
     kept = {finished: tree_state(finished)}
