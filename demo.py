@@ -500,7 +500,8 @@ def report(cfg, model, t0, held_out):
           f"KL(teacher||student) per token {first['val_kl']:.3f} -> {last['val_kl']:.3f}")
     speed = f"{sum(speeds) / len(speeds):,.0f} tokens/s" if speeds else "n/a (no full log interval)"
     dtype = torch.bfloat16 if cfg["dtype"] == "bfloat16" else torch.float32
-    rate = (f"{matmul_rate(dtype):,.0f} GFLOP/s {cfg['dtype']} on {os.cpu_count()} CPU threads"
+    rate = (f"{matmul_rate(dtype):,.0f} GFLOP/s {str(dtype)[6:]} on {torch.get_num_threads()} "
+            "CPU threads"
             if next(student.parameters()).device.type == "cpu" else
             torch.cuda.get_device_name())
     print(f"tokens seen: {last['tokens']:,}; training speed {speed}; "
